@@ -1,0 +1,3 @@
+"""embedseg_training: data, BranchedERFNet, spatial-embedding loss and the training loop (needs torch)."""
+
+__version__ = "0.1.0"
