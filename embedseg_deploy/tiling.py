@@ -1,0 +1,230 @@
+"""Tiled prediction that reproduces whole-image prediction.
+
+Whole-image prediction (upstream EmbedSeg): reflect-pad the image up to a multiple of 8
+(:func:`pad_widths`), run the network once, crop the padding away. BranchedERFNet has a total stride of 8
+and pads its convolutions with zeros, so its output is shift-equivariant only for shifts by multiples of
+8, and it sees zeros beyond the padded image. A tile plan keeps both properties:
+
+* **Phase.** Tile origins are multiples of 8 in the coordinates of the padded image: the tile grid is
+  anchored at ``-pad_before`` in image coordinates. Tile sizes and halos are multiples of 8.
+* **Borders.** A tile never reaches beyond the padded image. Border tiles are shifted inwards instead
+  of being padded further. Their cores then have at least ``halo`` pixels of real context on every
+  inner side and more on the border side. At the border itself the network sees the same zero padding
+  as in whole-image prediction. So no halo is ever invented by reflection, and when the halo covers the
+  network's effective reach, tiled prediction equals whole-image prediction exactly.
+* **One tile.** Where the padded image fits into one tile along an axis, that axis has one tile equal to
+  the padded image. A small image is therefore predicted exactly as upstream does.
+
+Cores partition the padded image: tile ``i`` starts at ``min(i * (tile - 2 * halo), padded - tile)``
+and keeps ``[start + halo, start + tile - halo)``, extended to the padded border for the first and
+the last tile. That needs ``1 + ceil((padded - tile) / (tile - 2 * halo))`` tiles per axis.
+
+All tiles of one image share one shape, ``min(tile, padded shape)`` per axis. A backend such as
+TensorRT then needs one shape profile per image size, not one per border case. The last batch may be
+short (``pad_last_batch`` fills it for backends with a fixed batch size).
+
+Reflect padding is numpy's ``mode="reflect"``, which is torch's ``F.pad(mode="reflect")``: the edge
+value is not repeated. Tiles gather it index by index from the unpadded image (:func:`reflect_indices`),
+so the padded image is never built. Only the rounding padding (fewer than ``multiple`` pixels per side)
+is ever reflected. Where that padding is not smaller than the axis (an axis shorter than 8 pixels),
+torch's reflect is undefined and upstream would fail. Here numpy's repeated reflection is used
+(period ``2 * (n - 1)``; an axis of length 1 repeats its value).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+
+from .contract import PADDING_PLACEMENTS, TILE_MULTIPLE
+
+RunFn = Callable[[np.ndarray], np.ndarray]
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One network input and the part of its output that is kept.
+
+    ``origin`` is the first pixel of the input in image coordinates. It is negative or reaches past the
+    image where the input includes reflect padding, and ``origin + pad_before`` is a multiple of 8.
+    ``shape`` is the input's spatial shape. ``core`` selects the kept part of the tile's output, and
+    ``dest`` says where that part goes in the (unpadded) output image.
+    """
+
+    origin: tuple[int, ...]
+    shape: tuple[int, ...]
+    core: tuple[slice, ...]
+    dest: tuple[slice, ...]
+
+
+def pad_widths(
+    shape: Sequence[int], multiple: int = TILE_MULTIPLE, placement: str = "center"
+) -> list[tuple[int, int]]:
+    """(before, after) per axis rounding ``shape`` up to a multiple of ``multiple``.
+
+    ``"center"`` puts ``d // 2`` before and the rest after (upstream 2D ``predict``). ``"end"`` puts
+    everything after (upstream 3D ``pad_3d``).
+    """
+    if placement not in PADDING_PLACEMENTS:
+        raise ValueError(f"padding placement must be one of {PADDING_PLACEMENTS}, got {placement!r}")
+    if multiple < 1:
+        raise ValueError(f"multiple must be positive, got {multiple}")
+    widths = []
+    for n in shape:
+        if n < 1:
+            raise ValueError(f"cannot pad an empty axis (shape {tuple(shape)})")
+        d = -n % multiple
+        widths.append((d // 2, d - d // 2) if placement == "center" else (0, d))
+    return widths
+
+
+def reflect_indices(index: np.ndarray, n: int) -> np.ndarray:
+    """Map indices (possibly outside ``[0, n)``) into an axis of length ``n`` as numpy's reflect pad does."""
+    index = np.asarray(index)
+    if n == 1:
+        return np.zeros_like(index)
+    r = np.mod(index, 2 * n - 2)
+    return np.where(r < n, r, 2 * n - 2 - r)
+
+
+def pad_reflect(image: np.ndarray, widths: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Reflect-pad the trailing ``len(widths)`` (spatial) axes of ``image``; leading axes are kept."""
+    lead = [(0, 0)] * (image.ndim - len(widths))
+    return np.pad(image, lead + [tuple(w) for w in widths], mode="reflect")
+
+
+def _per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    values = (value,) * ndim if isinstance(value, int | np.integer) else tuple(value)
+    if len(values) != ndim:
+        raise ValueError(f"{name} needs {ndim} sizes (array order), got {list(values)}")
+    return tuple(int(v) for v in values)
+
+
+def _axis_plan(n: int, before: int, after: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
+    """Tiles along one axis as (start in padded coordinates, core start, core stop, size), cores in padded
+    coordinates."""
+    padded = n + before + after
+    size = min(tile, padded)
+    if size == padded:
+        return [(0, 0, padded, size)]
+    step = tile - 2 * halo
+    count = 1 + -(-(padded - size) // step)
+    starts = [min(i * step, padded - size) for i in range(count)]
+    plan = []
+    for i, start in enumerate(starts):
+        lo = 0 if i == 0 else starts[i - 1] + size - halo
+        hi = padded if i == count - 1 else start + size - halo
+        plan.append((start, lo, hi, size))
+    return plan
+
+
+def plan_tiles(
+    shape: Sequence[int],
+    tile: int | Sequence[int] | None,
+    halo: int | Sequence[int] = 0,
+    multiple: int = TILE_MULTIPLE,
+    placement: str = "center",
+) -> list[Tile]:
+    """Tiles covering an image of spatial ``shape`` (array order), in C order of their positions.
+
+    ``tile=None`` means one tile: whole-image prediction. Sizes and halos must be multiples of
+    ``multiple``. Along an axis cut into several tiles, a tile must be larger than twice its halo.
+    See the module docstring for the plan.
+    """
+    shape = tuple(int(n) for n in shape)
+    ndim = len(shape)
+    widths = pad_widths(shape, multiple, placement)
+    padded = [n + b + a for n, (b, a) in zip(shape, widths, strict=True)]
+    tiles = tuple(padded) if tile is None else _per_axis(tile, ndim, "tile")
+    halos = _per_axis(halo, ndim, "halo")
+    for t, h, p in zip(tiles, halos, padded, strict=True):
+        if t < 1 or t % multiple or h % multiple or h < 0:
+            raise ValueError(f"tile {list(tiles)} and halo {list(halos)} must be multiples of {multiple}")
+        if t < p and t <= 2 * h:  # only an axis cut into several tiles needs a core
+            raise ValueError(f"tile {list(tiles)} must be larger than twice the halo {list(halos)}")
+    axes = [_axis_plan(n, b, a, t, h) for n, (b, a), t, h in zip(shape, widths, tiles, halos, strict=True)]
+    plan = []
+    for combo in product(*axes):
+        origin, core, dest, size = [], [], [], []
+        for (start, lo, hi, s), (b, _), n in zip(combo, widths, shape, strict=True):
+            lo, hi = max(lo, b), min(hi, b + n)  # drop the rounding padding from the kept part
+            origin.append(start - b)
+            core.append(slice(lo - start, hi - start))
+            dest.append(slice(lo - b, hi - b))
+            size.append(s)
+        plan.append(Tile(tuple(origin), tuple(size), tuple(core), tuple(dest)))
+    return plan
+
+
+def read_tile(image: np.ndarray, tile: Tile) -> np.ndarray:
+    """Network input for ``tile`` from ``image`` (C, *spatial), reflect-padded where it leaves the image."""
+    spatial = image.shape[1:]
+    inside = all(o >= 0 and o + s <= n for o, s, n in zip(tile.origin, tile.shape, spatial, strict=True))
+    if inside:
+        return image[(slice(None), *(slice(o, o + s) for o, s in zip(tile.origin, tile.shape, strict=True)))]
+    index = [
+        reflect_indices(np.arange(o, o + s), n)
+        for o, s, n in zip(tile.origin, tile.shape, spatial, strict=True)
+    ]
+    return image[(slice(None), *np.ix_(*index))]
+
+
+def _add(stats: dict[str, float] | None, key: str, since: float) -> float:
+    now = time.perf_counter()
+    if stats is not None:
+        stats[key] = stats.get(key, 0.0) + now - since
+    return now
+
+
+def predict_tiled(
+    image: np.ndarray,
+    run: RunFn,
+    out_channels: int,
+    tile: int | Sequence[int] | None,
+    halo: int | Sequence[int] = 0,
+    batch_size: int = 1,
+    placement: str = "center",
+    multiple: int = TILE_MULTIPLE,
+    progress: ProgressFn | None = None,
+    stats: dict[str, float] | None = None,
+    pad_last_batch: bool = False,
+) -> np.ndarray:
+    """Raw network output (out_channels, *spatial) float32 for ``image`` (C, *spatial), tile by tile.
+
+    ``run`` maps a float32 batch (N, C, *tile) to raw outputs (N, out_channels, *tile). ``progress(done,
+    total)`` is called after each batch with tile counts. ``stats`` accumulates seconds under ``'tile'``
+    (gathering inputs), ``'network'`` and ``'stitch'``. ``pad_last_batch`` fills a short last batch with
+    zeros so that ``run`` always gets ``batch_size`` tiles.
+    """
+    if image.ndim < 2:
+        raise ValueError(f"image must be (C, *spatial), got shape {image.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    plan = plan_tiles(image.shape[1:], tile, halo, multiple, placement)
+    out = np.empty((out_channels, *image.shape[1:]), dtype=np.float32)
+    for first in range(0, len(plan), batch_size):
+        t0 = time.perf_counter()
+        group = plan[first : first + batch_size]
+        n_fill = batch_size - len(group) if pad_last_batch else 0
+        batch = np.zeros((len(group) + n_fill, image.shape[0], *group[0].shape), dtype=np.float32)
+        for i, t in enumerate(group):
+            batch[i] = read_tile(image, t)
+        t0 = _add(stats, "tile", t0)
+        raw = np.asarray(run(batch))
+        t0 = _add(stats, "network", t0)
+        expected = (len(batch), out_channels, *group[0].shape)
+        if raw.shape != expected:
+            raise ValueError(
+                f"network returned shape {raw.shape} for input {batch.shape}, expected {expected}"
+            )
+        for i, t in enumerate(group):
+            out[(slice(None), *t.dest)] = raw[(i, slice(None), *t.core)]
+        _add(stats, "stitch", t0)
+        if progress is not None:
+            progress(first + len(group), len(plan))
+    return out
