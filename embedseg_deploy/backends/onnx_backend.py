@@ -1,0 +1,200 @@
+"""ONNX Runtime backends: CPU, CUDA and the TensorRT execution provider.
+
+The contract is read from the model's ``metadata_props`` through onnxruntime itself
+(``get_modelmeta().custom_metadata_map``): the runtime tier has no ``onnx`` package.
+
+GPU providers never fall back silently. ``get_available_providers()`` lists CUDA/TensorRT whenever
+onnxruntime-gpu is installed, even without a GPU or without cuDNN, and a session asked for them then runs
+on the CPU. So GPU sessions are created with ``session.disable_cpu_ep_fallback=1`` and the providers the
+session really got (``session.get_providers()``) are checked; a mismatch is a :class:`BackendError`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..contract import METADATA_KEY, Contract, ContractError
+from .base import Backend, BackendError, ShapeSpec
+
+CPU_EP = "CPUExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+TRT_EP = "TensorrtExecutionProvider"
+PROVIDER_OF = {"onnx-cpu": CPU_EP, "onnx-cuda": CUDA_EP, "onnx-trt": TRT_EP}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise BackendError(
+            "onnxruntime is not installed: pip install 'embedseg-deploy[cpu]' (or [gpu] for onnxruntime-gpu)"
+        ) from exc
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    """Providers this onnxruntime build lists (a GPU provider listed here may still not work)."""
+    try:
+        return list(_ort().get_available_providers())
+    except BackendError:
+        return []
+
+
+def read_contract(session: Any, path: Path) -> Contract:
+    """The contract stored in the model's metadata, or the JSON file beside it (``model.onnx.json``)."""
+    meta = session.get_modelmeta().custom_metadata_map
+    text = meta.get(METADATA_KEY)
+    source = f"metadata key {METADATA_KEY!r}"
+    if text is None:
+        sidecar = Path(str(path) + ".json")
+        if not sidecar.is_file():
+            raise ContractError(
+                f"{path}: the ONNX model carries no EmbedSeg contract (metadata key {METADATA_KEY!r} "
+                f"missing, no {sidecar.name} beside it); export it with embedseg-export"
+            )
+        text, source = sidecar.read_text(), str(sidecar)
+    try:
+        return Contract.from_json(text)
+    except ContractError as exc:
+        raise ContractError(f"{path}: bad contract in {source}: {exc}") from None
+
+
+def _shape_spec(session: Any, contract: Contract) -> ShapeSpec:
+    """Static dims of the model input become min = max; symbolic ones are free."""
+    dims = session.get_inputs()[0].shape
+    spatial = dims[2:] if len(dims) == contract.ndim + 2 else [None] * contract.ndim
+    static = [d if isinstance(d, int) and d > 0 else None for d in spatial]
+    fixed = tuple(static) if all(s is not None for s in static) else None
+    batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+    return ShapeSpec(contract.ndim, contract.tile_multiple, fixed, fixed, batch)
+
+
+class OnnxRuntimeBackend(Backend):
+    """One onnxruntime session on the CPU, CUDA or TensorRT execution provider."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        backend: str = "onnx-cpu",
+        device_id: int = 0,
+        threads: int | None = None,
+        engine_cache: str | os.PathLike | None = None,
+        trt_profile: dict[str, tuple[int, ...]] | None = None,
+        cuda_options: dict[str, Any] | None = None,
+    ):
+        if backend not in PROVIDER_OF:
+            raise BackendError(f"unknown onnxruntime backend {backend!r}; choose from {sorted(PROVIDER_OF)}")
+        ort = _ort()
+        path = Path(model_path)
+        if not path.is_file():
+            raise BackendError(f"{path}: model file not found")
+        provider = PROVIDER_OF[backend]
+        if provider not in ort.get_available_providers():
+            hint = "install onnxruntime-gpu (pip install 'embedseg-deploy[gpu]') instead of onnxruntime"
+            raise BackendError(
+                f"{backend}: this onnxruntime build has no {provider} "
+                f"(it lists {ort.get_available_providers()}); {hint}"
+            )
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        providers: list[Any]
+        if provider == CPU_EP:
+            providers = [CPU_EP]
+        else:
+            opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+            cuda = {
+                "device_id": str(device_id),
+                "cudnn_conv_algo_search": "HEURISTIC",
+                **(cuda_options or {}),
+            }
+            providers = [(CUDA_EP, cuda)]
+            if provider == TRT_EP:
+                trt: dict[str, Any] = {"device_id": str(device_id)}
+                if engine_cache is not None:
+                    Path(engine_cache).mkdir(parents=True, exist_ok=True)
+                    trt.update(
+                        trt_engine_cache_enable="True",
+                        trt_engine_cache_path=str(engine_cache),
+                        trt_timing_cache_enable="True",
+                        trt_timing_cache_path=str(engine_cache),
+                    )
+                if trt_profile:
+                    input_name = _export_facts(path).get("input", "image")
+                    shapes = _profile_strings(trt_profile, input_name)
+                    trt.update({f"trt_profile_{k}_shapes": v for k, v in shapes.items()})
+                providers.insert(0, (TRT_EP, trt))
+        try:
+            session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own pybind exception types
+            raise BackendError(
+                f"{path}: cannot create an onnxruntime {backend} session: {_first_line(exc)}"
+            ) from None
+        got = session.get_providers()
+        if not got or got[0] != provider:
+            raise BackendError(
+                f"{backend}: asked for {provider} but the session runs on {got}; refusing to run silently "
+                "elsewhere (check the GPU, CUDA/cuDNN libraries, onnxruntime-gpu)"
+            )
+        contract = read_contract(session, path)
+        io_type = session.get_inputs()[0].type
+        export = contract.provenance.get("export") or {}
+        precision = export.get("precision") or ("fp16" if "float16" in io_type else "fp32")
+        super().__init__(
+            name=backend,
+            device="cpu" if provider == CPU_EP else f"cuda:{device_id}",
+            precision=str(precision),
+            contract=contract,
+            shapes=_shape_spec(session, contract),
+            model_path=path,
+            info={
+                "onnxruntime": ort.__version__,
+                "providers": got,
+                "threads": threads,
+                "engine_cache": str(engine_cache) if engine_cache else None,
+            },
+        )
+        self.session = session
+        self._input = session.get_inputs()[0].name
+        self._output = session.get_outputs()[0].name
+        self._fp16_io = "float16" in io_type
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        feed = batch.astype(np.float16) if self._fp16_io else batch
+        try:
+            (out,) = self.session.run([self._output], {self._input: feed})
+        except Exception as exc:
+            raise BackendError(
+                f"{self.name}: inference failed on {batch.shape}: {_first_line(exc)}"
+            ) from None
+        return out
+
+    def close(self) -> None:
+        self.session = None
+
+
+def _export_facts(path: Path) -> dict[str, Any]:
+    """``contract.provenance['export']`` read without onnxruntime (input/output names, precision)."""
+    try:
+        from ..engine_cache import onnx_contract
+
+        return dict(onnx_contract(path).provenance.get("export") or {})
+    except Exception:
+        return {}
+
+
+def _profile_strings(profile: dict[str, tuple[int, ...]], input_name: str) -> dict[str, str]:
+    """``{'min': (1,1,64,64), ...}`` -> TRT EP option strings ``'image:1x1x64x64'``."""
+    return {k: f"{input_name}:" + "x".join(str(int(d)) for d in v) for k, v in profile.items()}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:500] if text else type(exc).__name__

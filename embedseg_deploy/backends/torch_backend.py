@@ -1,0 +1,58 @@
+"""Optional torch backend: runs a training checkpoint directly (no export step).
+
+Imported only when ``--backend torch`` is chosen (or a ``.pth``/``.pt`` model is given), so the runtime
+keeps working where torch is absent. Needs the training tier (``embedseg-deploy[train]``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .base import Backend, BackendError, ShapeSpec
+
+
+class TorchBackend(Backend):
+    """A checkpoint loaded with ``embedseg_training.checkpoint.load_model`` (weights only)."""
+
+    def __init__(self, model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+        path = Path(model_path)
+        if not path.is_file():
+            raise BackendError(f"{path}: checkpoint file not found")
+        try:
+            import torch
+
+            from embedseg_training.checkpoint import load_model
+        except ImportError as exc:
+            raise BackendError(
+                f"{path}: the torch backend needs torch and the training tier: "
+                "pip install 'embedseg-deploy[train]'"
+            ) from exc
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendError("torch backend: CUDA was asked for but torch sees no CUDA device")
+        if threads:
+            torch.set_num_threads(int(threads))
+        try:
+            model, contract = load_model(path)
+        except Exception as exc:
+            text = str(exc).replace(f"{path}: ", "")
+            raise BackendError(f"{path}: cannot load the checkpoint: {text}") from None
+        self._torch = torch
+        self._model = model.eval().to(device)
+        super().__init__(
+            name="torch",
+            device=device,
+            precision="fp32",
+            contract=contract,
+            shapes=ShapeSpec(contract.ndim, contract.tile_multiple),
+            model_path=path,
+            info={"torch": torch.__version__, "threads": threads},
+        )
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            out = self._model(torch.from_numpy(batch).to(self.device))
+        return out.float().cpu().numpy()

@@ -1,0 +1,485 @@
+"""Images too large for memory: read lazily, predict and cluster block by block, write block-wise.
+
+The rule for objects at block borders (as StarDist's big-image prediction):
+
+* The padded image (rounded up to a multiple of 8 as whole-image prediction pads it) is cut into block
+  *cores* that partition it. Each block is predicted on its core plus a context *halo* (clipped at the
+  image), so the network sees the same neighbourhood as in whole-image prediction and the stride-8 phase
+  is kept (block origins are multiples of 8 in padded coordinates).
+* The block is clustered as one image, with pixel coordinates in the global system. An object is kept by
+  the block whose **core holds its seed** (cores partition the image, so exactly one block keeps it) and
+  gets the next global id. Its pixels, which may reach into the halo, are written where the output is
+  still 0: an object already written by an earlier block is never overwritten.
+* An object more than half of whose pixels another block already wrote is that object seen twice (its
+  seed crossed a core border through a tie or a last-bit difference between blocks) and is dropped.
+* The halo must exceed the largest object (its extent from the seed) plus the network's reach, or
+  objects cut by the halo's edge lose pixels. The default halo is twice the tile halo; set it per data
+  set (``--block-halo``) to at least the largest object diameter.
+
+Memory is bounded by one block: the input is a memory map of the TIFF (uncompressed, contiguous data) or
+is read page by page (one page per z-slice), the output is a memory-mapped TIFF opened per block, and
+normalisation statistics are gathered in chunks (exact percentiles for 8/16-bit integers through
+histograms; float images use all values up to 2^25 per channel, a strided sample beyond).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tifffile
+
+from .contract import Normalization
+from .io import InputError, to_channels_first
+from .normalize import EPS
+from .tiling import pad_widths, reflect_indices
+
+if TYPE_CHECKING:
+    from .predict import Predictor
+
+EXACT_FLOAT_VALUES = 2**25
+CHUNK_BYTES = 64 * 2**20
+DEFAULT_BLOCK = {2: [2048, 2048], 3: [64, 256, 256]}
+
+
+@dataclass
+class BigResult:
+    n_objects: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    blocks: int
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+class LazyImage:
+    """A TIFF's first series read region by region without loading the whole image.
+
+    Memory-mapped when the file's data are uncompressed and contiguous; else page by page when every
+    page holds one plane of the leading axes (a z-stack of compressed slices). Anything else (for example
+    one huge compressed page) cannot be read lazily and raises, saying how to fix the file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from .io import _pixel_size  # one place decodes pixel sizes
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(
+                f"{self.path}: file not found" if not self.path.exists() else f"{self.path}: not a file"
+            )
+        try:
+            with tifffile.TiffFile(self.path) as tif:
+                if not tif.series:
+                    raise InputError(f"{self.path}: TIFF holds no image data")
+                series = tif.series[0]
+                self.shape = tuple(int(s) for s in series.shape)
+                self.dtype = np.dtype(series.dtype)
+                self.axes = series.axes
+                self.pixel_size = _pixel_size(tif, series.axes)
+                self.n_pages = len(series.pages)
+                offset = series.dataoffset
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"{self.path}: unreadable or corrupt TIFF ({type(exc).__name__}: {exc})"
+            ) from None
+        if self.dtype.kind not in "biuf" or 0 in self.shape:
+            raise InputError(f"{self.path}: unsupported image {self.shape} {self.dtype}")
+        self.mappable = offset is not None
+        self.lead = 0
+        if not self.mappable:
+            n = 1
+            for k, s in enumerate(self.shape):
+                if n == self.n_pages:
+                    self.lead = k
+                    break
+                n *= s
+            if self.n_pages < 2 or self.lead == 0:
+                raise InputError(
+                    f"{self.path}: pixel data are compressed or not contiguous in one page, so the image "
+                    "cannot be read block by block; save it as an uncompressed TIFF (or one page per "
+                    "z-slice), or run without --block"
+                )
+
+    def read(self, index: Sequence[slice]) -> np.ndarray:
+        """The region ``index`` (one slice per axis, steps of 1) as an in-memory array."""
+        if self.mappable:
+            mm = tifffile.memmap(self.path, mode="r")
+            try:
+                return np.array(mm[tuple(index)])
+            finally:
+                del mm
+        lead_ranges = [
+            range(*sl.indices(n)) for sl, n in zip(index[: self.lead], self.shape[: self.lead], strict=True)
+        ]
+        rest = tuple(index[self.lead :])
+        out_shape = [len(r) for r in lead_ranges] + [
+            len(range(*sl.indices(n))) for sl, n in zip(rest, self.shape[self.lead :], strict=True)
+        ]
+        out = np.empty(out_shape, self.dtype)
+        with tifffile.TiffFile(self.path) as tif:
+            pages = tif.series[0].pages
+            for pos, lead_idx in enumerate(np.ndindex(*[len(r) for r in lead_ranges])):
+                src = tuple(r[i] for r, i in zip(lead_ranges, lead_idx, strict=True))
+                page = pages[int(np.ravel_multi_index(src, self.shape[: self.lead]))]
+                out[np.unravel_index(pos, out.shape[: self.lead])] = page.asarray()[rest]
+        return out
+
+
+def channel_axis_of(
+    shape: Sequence[int], ndim: int, in_channels: int, channel_axis: int | None, axes: str | None, path: Any
+) -> int | None:
+    """The file axis holding channels by the one channel rule (None: no channel axis), from the shape only."""
+    if len(shape) == ndim:
+        return None
+    # A zero-byte view with distinct strides: to_channels_first only moves axes, so the stride that
+    # ends up first tells which axis it chose.
+    strides = tuple(8 * (i + 1) for i in range(len(shape)))
+    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape=tuple(shape), strides=strides)
+    moved = to_channels_first(dummy, ndim, in_channels, channel_axis, path=path, axes=axes)
+    return strides.index(moved.strides[0])
+
+
+def percentiles_from_histogram(counts: np.ndarray, values: np.ndarray, q: Sequence[float]) -> list[float]:
+    """np.percentile (linear method) of the data whose sorted distinct ``values`` occur ``counts`` times.
+
+    Mirrors numpy's virtual index and interpolation so integer images get bit-identical statistics.
+    """
+    n = int(counts.sum())
+    cum = np.cumsum(counts)
+    out = []
+    for pct in q:
+        virtual = (n - 1) * np.true_divide(pct, 100)  # numpy's "linear" virtual index
+        prev = np.floor(virtual)
+        gamma = virtual - prev
+        i = int(np.clip(prev, 0, n - 1))
+        j = int(np.clip(prev + 1, 0, n - 1))
+        a = float(values[np.searchsorted(cum, i, side="right")])
+        b = float(values[np.searchsorted(cum, j, side="right")])
+        diff = b - a
+        value = b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+        out.append(float(value))
+    return out
+
+
+def _chunks(lazy: LazyImage) -> list[tuple[slice, ...]]:
+    """Slabs along axis 0 of about CHUNK_BYTES each."""
+    plane = math.prod(lazy.shape[1:]) * lazy.dtype.itemsize
+    step = max(1, CHUNK_BYTES // max(plane, 1))
+    return [
+        (slice(i, min(i + step, lazy.shape[0])),) + (slice(None),) * (len(lazy.shape) - 1)
+        for i in range(0, lazy.shape[0], step)
+    ]
+
+
+def norm_stats(
+    lazy: LazyImage, caxis: int | None, norm: Normalization
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Global (lo, scale-base) statistics per channel, shaped (C,): percentiles or mean/std; None if none."""
+    if norm.kind in ("none", "absolute"):
+        return None
+    n_ch = lazy.shape[caxis] if (caxis is not None and norm.per_channel) else 1
+
+    def per_channel(chunk: np.ndarray) -> list[np.ndarray]:
+        if n_ch == 1:
+            return [chunk.ravel()]
+        return [np.take(chunk, c, axis=caxis).ravel() for c in range(n_ch)]
+
+    chunks = _chunks(lazy)
+    if norm.kind == "mean-std":
+        s = np.zeros(n_ch)
+        s2 = np.zeros(n_ch)
+        count = np.zeros(n_ch)
+        for sl in chunks:
+            for c, v in enumerate(per_channel(lazy.read(sl))):
+                v = v.astype(np.float64)
+                _check_finite(v, lazy.path)
+                s[c] += v.sum()
+                s2[c] += (v * v).sum()
+                count[c] += v.size
+        mean = s / count
+        return mean, np.sqrt(np.maximum(s2 / count - mean**2, 0.0))
+    lo, hi = np.zeros(n_ch), np.zeros(n_ch)
+    if lazy.dtype.kind in "bui" and lazy.dtype.itemsize <= 2:
+        base = int(np.iinfo(lazy.dtype).min) if lazy.dtype.kind == "i" else 0
+        size = 2 ** (8 * lazy.dtype.itemsize)
+        hist = np.zeros((n_ch, size), np.int64)
+        for sl in chunks:
+            for c, v in enumerate(per_channel(lazy.read(sl))):
+                hist[c] += np.bincount((v.astype(np.int64) - base), minlength=size)
+        for c in range(n_ch):
+            nz = np.flatnonzero(hist[c])
+            lo[c], hi[c] = percentiles_from_histogram(hist[c][nz], nz + base, [norm.pmin, norm.pmax])
+        return lo, hi
+    total = math.prod(lazy.shape) // n_ch
+    stride = max(1, math.ceil(total / EXACT_FLOAT_VALUES))
+    values: list[list[np.ndarray]] = [[] for _ in range(n_ch)]
+    for sl in chunks:
+        for c, v in enumerate(per_channel(lazy.read(sl))):
+            _check_finite(v, lazy.path)
+            values[c].append(v[::stride].astype(np.float64))
+    for c in range(n_ch):
+        lo[c], hi[c] = np.percentile(np.concatenate(values[c]), [norm.pmin, norm.pmax])
+    return lo, hi
+
+
+def _check_finite(v: np.ndarray, path: Path) -> None:
+    if v.dtype.kind == "f" and not np.isfinite(v).all():
+        raise InputError(f"{path}: image has NaN or infinite values")
+
+
+def apply_norm(
+    x: np.ndarray, norm: Normalization, stats: tuple[np.ndarray, np.ndarray] | None, path: Any = "?"
+) -> np.ndarray:
+    """Normalise ``x`` (C, *spatial) with global statistics, by the formulas of embedseg_deploy.normalize."""
+    x = x.astype(np.float64, copy=False)
+    _check_finite(x, path)
+    if norm.kind == "none":
+        return x.astype(np.float32)
+    if norm.kind == "absolute":
+        return (x / float(norm.divisor)).astype(np.float32)
+    assert stats is not None
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    a, b = (np.asarray(s, np.float64).reshape(shape) for s in stats)
+    if norm.kind == "percentile":
+        out = (x - a) / (b - a + EPS)
+        if norm.clip:
+            out = np.clip(out, 0.0, 1.0)
+        return out.astype(np.float32)
+    return ((x - a) / (b + EPS)).astype(np.float32)
+
+
+def plan_blocks(
+    shape: Sequence[int], block: Sequence[int], halo: Sequence[int], multiple: int, placement: str
+) -> list[tuple[tuple[slice, ...], tuple[slice, ...]]]:
+    """(core, region) per block in padded coordinates; cores partition the padded image."""
+    widths = pad_widths(shape, multiple, placement)
+    padded = [n + b + a for n, (b, a) in zip(shape, widths, strict=True)]
+    axes = []
+    for p, bl, h in zip(padded, block, halo, strict=True):
+        axis = []
+        for start in range(0, p, bl):
+            stop = min(start + bl, p)
+            axis.append((slice(start, stop), slice(max(0, start - h), min(p, stop + h))))
+        axes.append(axis)
+    from itertools import product
+
+    return [(tuple(c for c, _ in combo), tuple(r for _, r in combo)) for combo in product(*axes)]
+
+
+def _read_region(
+    lazy: LazyImage, caxis: int | None, region: Sequence[slice], before: Sequence[int], spatial: Sequence[int]
+) -> np.ndarray:
+    """Channels-first input of ``region`` (padded coordinates), reflect-padded outside the image."""
+    index = [
+        reflect_indices(np.arange(r.start - b, r.stop - b), n)
+        for r, b, n in zip(region, before, spatial, strict=True)
+    ]
+    box = [slice(int(i.min()), int(i.max()) + 1) for i in index]
+    file_index = list(box)
+    if caxis is not None:
+        file_index.insert(caxis, slice(None))
+    data = lazy.read(file_index)
+    data = data[np.newaxis] if caxis is None else np.moveaxis(data, caxis, 0)
+    local = [i - sl.start for i, sl in zip(index, box, strict=True)]
+    return data[(slice(None), *np.ix_(*local))]
+
+
+def _seed_positions(seeds: Any, n: int, ndim: int) -> np.ndarray:
+    """Seed pixel of each label 1..n as an (n, ndim) int array (the cluster module's return_seeds)."""
+    arr = np.asarray(seeds)
+    if arr.ndim == 2 and arr.shape == (n, ndim):
+        return arr.astype(np.int64)
+    raise ValueError(f"unexpected seed positions from cluster(): shape {arr.shape}, expected ({n}, {ndim})")
+
+
+def predict_big(
+    predictor: Predictor,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    block: int | Sequence[int] | None = None,
+    block_halo: int | Sequence[int] | None = None,
+    channel_axis: int | None = None,
+    progress: Any = None,
+) -> BigResult:
+    """Segment ``input_path`` block by block into ``output_path`` (written atomically)."""
+    from .predict import check_pixel_size, label_dtype, round_up
+
+    c = predictor.contract
+    m = c.tile_multiple
+    lazy = LazyImage(input_path)
+    caxis = channel_axis_of(lazy.shape, c.ndim, c.in_channels, channel_axis, lazy.axes, lazy.path)
+    spatial = tuple(s for i, s in enumerate(lazy.shape) if i != caxis)
+    if caxis is not None and lazy.shape[caxis] != c.in_channels:
+        raise InputError(
+            f"{lazy.path}: image has {lazy.shape[caxis]} channels, the model takes {c.in_channels}"
+        )
+    block_v = _per_axis(block, c.ndim) or DEFAULT_BLOCK[c.ndim]
+    block_v = round_up(block_v, m)
+    halo_v = round_up(_per_axis(block_halo, c.ndim) or [2 * h for h in predictor.halo], m)
+    notes = []
+    warn = check_pixel_size(lazy.pixel_size, c, f"{lazy.path}: ")
+    if warn:
+        notes.append(warn)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    stats = norm_stats(lazy, caxis if c.normalization.per_channel else None, c.normalization)
+    t0 = _tick(timings, "statistics", t0)
+    before = [b for b, _ in pad_widths(spatial, m, c.padding)]
+    plan = plan_blocks(spatial, block_v, halo_v, m, c.padding)
+    output_path = Path(output_path)
+    px = lazy.pixel_size if lazy.pixel_size is not None and len(lazy.pixel_size) == c.ndim else None
+    tmp32 = _temp_name(output_path, "u32")
+    next_id = 0
+    try:
+        _create_memmap(tmp32, spatial, np.uint32, px)
+        for done, (core, region) in enumerate(plan, 1):
+            x = _read_region(lazy, caxis, region, before, spatial)
+            t0 = _tick(timings, "read", t0)
+            x = apply_norm(x, c.normalization, stats, lazy.path)
+            t0 = _tick(timings, "normalize", t0)
+            raw = predictor.predict_raw(x)
+            t0 = _tick(timings, "predict", t0)
+            # cluster the image part only: mirrored objects in the rounding padding are not objects
+            inside, local = _inside(region, before, spatial)
+            origin = [sl.start + b for sl, b in zip(inside, before, strict=True)]  # padded coordinates
+            raw = np.ascontiguousarray(raw[(slice(None), *local)])
+            labels, seeds = predictor.cluster(raw, origin, return_seeds=True)
+            del raw, x
+            labels = np.asarray(labels)
+            n = int(labels.max()) if labels.size else 0
+            lut = np.zeros(n + 1, np.int32)
+            if n:
+                pos = _seed_positions(seeds, n, c.ndim)  # global (padded) indices: origin = region start
+                in_core = [(pos[:, d] >= core[d].start) & (pos[:, d] < core[d].stop) for d in range(c.ndim)]
+                present = np.bincount(labels.ravel(), minlength=n + 1)[1:] > 0
+                kept = np.flatnonzero(np.all(in_core, axis=0) & present) + 1
+                lut[kept] = np.arange(1, kept.size + 1)
+            t0 = _tick(timings, "cluster", t0)
+            next_id += _write_block(tmp32, lut[labels], inside, next_id)
+            t0 = _tick(timings, "write", t0)
+            if progress is not None:
+                progress(done, len(plan))
+        dtype = label_dtype(next_id)
+        if dtype != np.uint32:
+            tmp16 = _temp_name(output_path, "u16")
+            try:
+                _convert(tmp32, tmp16, spatial, dtype, px)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp16)
+                raise
+            os.unlink(tmp32)
+            tmp32 = tmp16
+        os.replace(tmp32, output_path)
+        _tick(timings, "write", t0)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp32)
+        raise
+    return BigResult(next_id, spatial, np.dtype(label_dtype(next_id)), len(plan), timings, notes)
+
+
+def _per_axis(value: int | Sequence[int] | None, ndim: int) -> list[int] | None:
+    if value is None:
+        return None
+    values = [int(value)] * ndim if isinstance(value, int | np.integer) else [int(v) for v in value]
+    values = values * ndim if len(values) == 1 else values
+    if len(values) != ndim or any(v < 0 for v in values):
+        raise ValueError(f"block sizes need 1 or {ndim} values (array order), got {value}")
+    return values
+
+
+def _tick(timings: dict[str, float], key: str, since: float) -> float:
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + now - since
+    return now
+
+
+def _temp_name(final: Path, tag: str) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".{tag}.tmp")
+    os.close(fd)
+    return Path(tmp)
+
+
+def _create_memmap(path: Path, shape: Sequence[int], dtype: Any, pixel_size: Sequence[float] | None) -> None:
+    """An all-zero TIFF of ``shape`` whose pixel data can be memory-mapped, with the pixel size."""
+    from .io import _tiff_args  # the writer's one encoding of pixel sizes (ImageJ or OME)
+
+    axes = "YX" if len(shape) == 2 else "ZYX"
+    _, kwargs = _tiff_args(np.empty((1,) * len(shape), dtype), axes, pixel_size, path)
+    mm = tifffile.memmap(path, shape=tuple(shape), dtype=dtype, photometric="minisblack", **kwargs)
+    mm.flush()
+    del mm
+
+
+def _inside(
+    region: Sequence[slice], before: Sequence[int], spatial: Sequence[int]
+) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """The part of ``region`` (padded coordinates) inside the image: in image coordinates, and as slices
+    into the region."""
+    inside = tuple(
+        slice(max(r.start - b, 0), min(r.stop - b, n))
+        for r, b, n in zip(region, before, spatial, strict=True)
+    )
+    local = tuple(
+        slice(s.start + b - r.start, s.stop + b - r.start)
+        for s, r, b in zip(inside, region, before, strict=True)
+    )
+    return inside, local
+
+
+def _write_block(path: Path, new: np.ndarray, inside: Sequence[slice], next_id: int) -> int:
+    """Write the objects of ``new`` (ids 1..k over the image slices ``inside``) as ``next_id + 1, ...``.
+
+    Pixels already owned by an earlier block are kept. An object more than half of whose pixels are already
+    owned is the same object seen again (its seed moved across a block border by a last-bit difference or
+    a tie): it is dropped, so no object is counted twice. Returns the number of new ids.
+    """
+    inside = tuple(inside)
+    k = int(new.max()) if new.size else 0
+    if k == 0:
+        return 0
+    mm = tifffile.memmap(path, mode="r+")
+    try:
+        out = np.array(mm[inside])
+        total = np.bincount(new.ravel(), minlength=k + 1)
+        taken = np.bincount(new[out > 0], minlength=k + 1)
+        survive = (total > 0) & (2 * taken <= total)
+        survive[0] = False
+        ids = np.zeros(k + 1, np.uint32)
+        ids[survive] = np.arange(next_id + 1, next_id + 1 + int(survive.sum()), dtype=np.uint32)
+        mapped = ids[new]
+        free = (out == 0) & (mapped > 0)
+        out[free] = mapped[free]
+        mm[inside] = out
+        mm.flush()
+    finally:
+        del mm
+    return int(survive.sum())
+
+
+def _convert(
+    src: Path, dst: Path, shape: Sequence[int], dtype: Any, pixel_size: Sequence[float] | None
+) -> None:
+    """Copy a uint32 label memmap into a new one of ``dtype``, slab by slab."""
+    _create_memmap(dst, shape, dtype, pixel_size)
+    step = max(1, CHUNK_BYTES // max(1, math.prod(shape[1:]) * 4))
+    for i in range(0, shape[0], step):  # maps opened per slab keep the resident set at one slab
+        a = tifffile.memmap(src, mode="r")
+        b = tifffile.memmap(dst, mode="r+")
+        try:
+            b[i : i + step] = a[i : i + step]
+            b.flush()
+        finally:
+            del a, b

@@ -1,0 +1,319 @@
+"""``embedseg-run``: the runtime's command line, a thin layer over :mod:`embedseg_deploy.predict`.
+
+Commands: ``predict`` (files, folders, globs -> label TIFFs + summary.json; resumable), ``evaluate``
+(predicted vs ground-truth labels), ``info`` (a model's contract and backend), ``demo`` (offline
+synthetic example). Exit codes: 0 success, 1 some files failed, 2 bad usage or a model/backend that
+cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .backends import ALIASES, BACKENDS, BackendError
+from .contract import ContractError
+from .io import InputError
+
+BACKEND_CHOICES = ["auto", *BACKENDS, *ALIASES]
+
+
+def _sizes(value: str | None, name: str) -> list[int] | None:
+    """'256' or '32,256,256' (array order) -> list of ints."""
+    if value is None:
+        return None
+    try:
+        sizes = [int(v) for v in value.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r}: give one integer or comma-separated integers (z,y,x)", param_hint=name
+        ) from None
+    if not sizes or any(s < 0 for s in sizes):
+        raise click.BadParameter(f"{value!r}: sizes must be non-negative integers", param_hint=name)
+    return sizes
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _warm_up_clustering() -> threading.Thread:
+    """Compile/load the numba clustering kernels in the background while the model loads."""
+
+    def work() -> None:
+        try:
+            from .cluster import warm_up
+
+            warm_up()
+        except Exception:  # the real call reports problems
+            pass
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedseg-run")
+def main() -> None:
+    """Torch-free EmbedSeg inference: ONNX Runtime (CPU/CUDA/TensorRT EP), TensorRT, or torch checkpoints."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--out-dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKEND_CHOICES, case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="Inference backend; auto picks the fastest that really runs here and says which.",
+)
+@click.option("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's).")
+@click.option(
+    "--tile", default=None, help="Tile size, one int or z,y,x; 0 = whole image [default: contract]."
+)
+@click.option("--halo", default=None, help="Tile halo, one int or z,y,x [default: contract].")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Tiles per network call."
+)
+@click.option(
+    "--tta/--no-tta", default=False, show_default=True, help="Test-time augmentation (8x in 2D, 16x in 3D)."
+)
+@click.option(
+    "--seed-thresh", type=float, default=None, help="Clustering: seediness to start an object [contract]."
+)
+@click.option("--fg-thresh", type=float, default=None, help="Clustering: seediness of foreground [contract].")
+@click.option(
+    "--min-object-size", type=int, default=None, help="Clustering: smallest object in pixels [contract]."
+)
+@click.option(
+    "--min-mask-sum", type=int, default=None, help="Clustering: least foreground to cluster [contract]."
+)
+@click.option(
+    "--min-unclustered-sum", type=int, default=None, help="Clustering: stop when fewer left [contract]."
+)
+@click.option("--save-seeds", is_flag=True, help="Also write the seediness map to OUT_DIR/seeds/.")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="CPU threads (ORT intra-op, numba)."
+)
+@click.option("--channel-axis", type=int, default=None, help="Axis of the channels in the input files.")
+@click.option("--block", default=None, help="Big images: process block by block with this core size (z,y,x).")
+@click.option("--block-halo", default=None, help="Big images: context around each block; > largest object.")
+@click.option(
+    "--engine-cache", type=click.Path(path_type=Path), default=None, help="TensorRT engine cache folder."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Redo files whose outputs exist (default: skip them, resume)."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def predict(
+    model: Path,
+    inputs: Sequence[str],
+    out_dir: Path,
+    backend: str,
+    device: str | None,
+    tile: str | None,
+    halo: str | None,
+    batch_size: int,
+    tta: bool,
+    seed_thresh: float | None,
+    fg_thresh: float | None,
+    min_object_size: int | None,
+    min_mask_sum: int | None,
+    min_unclustered_sum: int | None,
+    save_seeds: bool,
+    threads: int | None,
+    channel_axis: int | None,
+    block: str | None,
+    block_halo: str | None,
+    engine_cache: Path | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Segment INPUT files, folders or globs with MODEL (.onnx, .engine or a .pth checkpoint)."""
+    from .predict import PixelSizeWarning, Predictor, predict_files, prepare_output_dir
+
+    thresholds = {
+        "seed_thresh": seed_thresh,
+        "fg_thresh": fg_thresh,
+        "min_object_size": min_object_size,
+        "min_mask_sum": min_mask_sum,
+        "min_unclustered_sum": min_unclustered_sum,
+    }
+    try:
+        prepare_output_dir(out_dir)
+    except InputError as exc:
+        _fail(str(exc))
+    warm = _warm_up_clustering()
+    try:
+        predictor = Predictor(
+            model,
+            backend=backend,
+            device=device,
+            tile=_sizes(tile, "--tile"),
+            halo=_sizes(halo, "--halo"),
+            tta=tta,
+            batch_size=batch_size,
+            threads=threads,
+            engine_cache=engine_cache,
+            thresholds=thresholds,
+        )
+    except (BackendError, ContractError, InputError, ValueError) as exc:
+        _fail(str(exc))
+    described = predictor.backend.describe()
+    auto = described.get("auto")
+    if not quiet:
+        click.echo(
+            f"model {model} ({predictor.contract.ndim}D, {predictor.contract.in_channels} channel(s))",
+            err=True,
+        )
+        line = f"backend {described['backend']} on {described['device']} ({described['precision']})"
+        if auto:
+            line += " [auto]" + "".join(f"; skipped {s['backend']}: {s['reason']}" for s in auto["skipped"])
+        click.echo(line, err=True)
+        click.echo(
+            f"tile {predictor.tile or 'whole image'}, halo {predictor.halo}, tta {predictor.tta}", err=True
+        )
+    warm.join()
+    bar: Any = None
+    failed: list[str] = []
+
+    def on_file(record: dict[str, Any], done: int, total: int) -> None:
+        nonlocal bar
+        if record["status"] == "failed":
+            failed.append(record["error"])
+            click.echo(f"\nFAILED {record['error']}", err=True)
+        for warning in record.get("warnings") or []:
+            click.echo(f"\nWARNING {warning}", err=True)
+        if quiet:
+            return
+        if bar is None:
+            bar = click.progressbar(length=total, label="segmenting", file=sys.stderr, show_pos=True)
+            bar.__enter__()
+        bar.update(1, Path(record["input"]).name)
+
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings repeat our messages
+    warnings.simplefilter("ignore", PixelSizeWarning)  # reported per file through the summary instead
+    try:
+        summary = predict_files(
+            predictor,
+            inputs,
+            out_dir,
+            save_seeds=save_seeds,
+            overwrite=overwrite,
+            channel_axis=channel_axis,
+            block=_sizes(block, "--block"),
+            block_halo=_sizes(block_halo, "--block-halo"),
+            on_file=on_file,
+        )
+    except InputError as exc:
+        _fail(str(exc))
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    counts = summary["counts"]
+    click.echo(
+        f"{counts['ok']} segmented, {counts['skipped']} skipped (done before), {counts['failed']} failed; "
+        f"{summary['objects']} objects; summary in {out_dir / 'summary.json'}"
+    )
+    if failed:
+        click.echo(f"{len(failed)} file(s) failed:", err=True)
+        for message in failed:
+            click.echo(f"  {message}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("pred", type=click.Path(path_type=Path))
+@click.argument("gt", type=click.Path(path_type=Path))
+@click.option("-o", "--out-dir", type=click.Path(path_type=Path), default=None, help="Write CSV + JSON here.")
+@click.option("--thresholds", default=None, help="IoU thresholds, comma-separated (default: evaluate's).")
+def evaluate(pred: Path, gt: Path, out_dir: Path | None, thresholds: str | None) -> None:
+    """Compare predicted labels PRED with ground truth GT (files or folders matched by name)."""
+    from .evaluate import evaluate_paths, format_table
+
+    kwargs: dict[str, Any] = {}
+    if thresholds:
+        try:
+            kwargs["thresholds"] = [float(t) for t in thresholds.split(",") if t.strip()]
+        except ValueError:
+            _fail(f"--thresholds {thresholds!r}: give comma-separated numbers")
+    try:
+        report = evaluate_paths(pred, gt, out_dir=out_dir, **kwargs)
+    except (InputError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    click.echo(format_table(report))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--backend", type=click.Choice(BACKEND_CHOICES, case_sensitive=False), default="auto", show_default=True
+)
+@click.option("--device", default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON only.")
+def info(model: Path, backend: str, device: str | None, as_json: bool) -> None:
+    """Show MODEL's contract and the backend that would run it."""
+    from .backends import create_backend
+
+    try:
+        b = create_backend(model, backend, device=device)
+    except (BackendError, ContractError, ValueError) as exc:
+        _fail(str(exc))
+    doc = {"backend": b.describe(), "contract": b.contract.to_dict()}
+    if as_json:
+        click.echo(json.dumps(doc, indent=1, default=str))
+        return
+    c = b.contract
+    click.echo(f"model      {model}")
+    click.echo(f"backend    {b.name} on {b.device} ({b.precision})")
+    click.echo(f"ndim       {c.ndim}, in_channels {c.in_channels}, outputs {', '.join(c.channels)}")
+    click.echo(f"spacing    {c.spacing} (array order), pixel size {c.pixel_size}, padding {c.padding}")
+    click.echo(f"normalize  {c.normalization}")
+    click.echo(f"thresholds {vars(c.thresholds)}")
+    for dev in sorted(c.tile):
+        click.echo(f"tile {dev:<5} {c.tile[dev]['size']} halo {c.tile[dev]['halo']}")
+
+
+@main.command()
+@click.option(
+    "--model", type=click.Path(path_type=Path), default=None, help="2D ONNX model [bundled demo2d.onnx]."
+)
+@click.option(
+    "-o", "--out-dir", type=click.Path(path_type=Path), default=Path("embedseg-demo"), show_default=True
+)
+@click.option(
+    "--backend", type=click.Choice(BACKEND_CHOICES, case_sensitive=False), default="auto", show_default=True
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the synthetic image.")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+def demo(model: Path | None, out_dir: Path, backend: str, seed: int, threads: int | None) -> None:
+    """Segment a synthetic image offline and report objects, AP against the truth, and timings."""
+    from .demo import DemoError, run_demo
+
+    try:
+        result = run_demo(out_dir, model=model, backend=backend, seed=seed, threads=threads)
+    except (DemoError, BackendError, ContractError, InputError, ValueError) as exc:
+        _fail(str(exc))
+    click.echo(f"backend  {result.backend['backend']} on {result.backend['device']}")
+    click.echo(f"objects  {result.n_objects} found, {result.n_true} in the synthetic truth")
+    click.echo(f"AP@0.5   {result.ap50:.3f}")
+    click.echo("timings  " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in result.timings.items()))
+    for name, path in result.files.items():
+        click.echo(f"{name:<8} {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,395 @@
+"""TIFF reading and writing shared by training and the runtime (torch-free).
+
+One reader (:func:`read_tiff`) that turns every way a file can be broken into an :class:`InputError`
+naming the file, one channel rule (:func:`to_channels_first`) and one atomic writer
+(:func:`write_tiff_atomic`). Pixel sizes are in microns and in array order ``(z,) y, x``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+DEFAULT_MAX_BYTES = 16 * 2**30
+"""Refuse files whose declared pixel data exceed this (16 GiB) unless the caller raises the limit."""
+
+# Length units as TIFF/ImageJ/OME write them, in microns.
+_UNITS_UM = {
+    "micron": 1.0,
+    "microns": 1.0,
+    "um": 1.0,
+    "µm": 1.0,
+    "μm": 1.0,
+    "\\u00b5m": 1.0,
+    "nm": 1e-3,
+    "nanometer": 1e-3,
+    "mm": 1e3,
+    "millimeter": 1e3,
+    "cm": 1e4,
+    "centimeter": 1e4,
+    "m": 1e6,
+    "meter": 1e6,
+    "inch": 25400.0,
+    "in": 25400.0,
+}
+# Resolutions that generic writers put in by default (72/96/300 dpi, 1 pixel per inch): not a pixel size.
+_DEFAULT_DPI = (1.0, 72.0, 96.0, 300.0)
+_IMAGEJ_DTYPES = ("uint8", "uint16", "int16", "float32")
+
+
+class InputError(ValueError):
+    """An input file or array is missing, broken or not what the caller needs; the message names it."""
+
+
+@dataclass
+class TiffImage:
+    """Pixels of a TIFF's first series plus what the file says about them.
+
+    ``pixel_size`` (microns, array order) has one value per spatial axis the file names: ``(z, y, x)``
+    when the file declares a Z axis with its spacing, else ``(y, x)``; ``None`` when unknown.
+    ``axes`` is tifffile's series axes string (e.g. ``'YX'``, ``'ZYX'``, ``'CYX'``, ``'QYX'``).
+    """
+
+    data: np.ndarray
+    pixel_size: tuple[float, ...] | None
+    axes: str | None
+    path: Path
+
+
+def read_tiff(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> TiffImage:
+    """Read the first series of a TIFF file, refusing broken, empty, complex or huge data."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: file not found")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    file_size = path.stat().st_size
+    try:
+        with _TiffLog() as log, tifffile.TiffFile(path) as tif:
+            if not tif.series:
+                raise InputError(f"{path}: TIFF holds no image data (empty or truncated file)")
+            series = tif.series[0]
+            shape, dtype, axes = tuple(series.shape), np.dtype(series.dtype), series.axes
+            _check_declared(path, shape, dtype, max_bytes)
+            _check_not_truncated(path, tif, series, file_size, log.messages)
+            data = series.asarray()
+            pixel_size = _pixel_size(tif, axes)
+    except InputError:
+        raise
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to read the image") from None
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error, OSError, ...
+        raise InputError(f"{path}: unreadable or corrupt TIFF ({type(exc).__name__}: {exc})") from None
+    if data.size == 0:
+        raise InputError(f"{path}: image is empty (shape {data.shape})")
+    return TiffImage(data=data, pixel_size=pixel_size, axes=axes, path=path)
+
+
+def _check_declared(path: Path, shape: tuple[int, ...], dtype: np.dtype, max_bytes: int) -> None:
+    if dtype.kind not in "biuf":
+        raise InputError(f"{path}: unsupported pixel type {dtype} (need integer, float or bool)")
+    if not shape or 0 in shape:
+        raise InputError(f"{path}: image is empty (shape {shape})")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > max_bytes:
+        raise InputError(
+            f"{path}: declared image {shape} {dtype} needs {_size(nbytes)}, more than the "
+            f"limit of {_size(max_bytes)} (raise max_bytes to read it)"
+        )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+class _TiffLog(logging.Handler):
+    """Collects what tifffile logs while a file is read: it reports a broken page chain only there."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def __enter__(self) -> _TiffLog:
+        logging.getLogger("tifffile").addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("tifffile").removeHandler(self)
+
+
+def _check_not_truncated(
+    path: Path, tif: tifffile.TiffFile, series, file_size: int, messages: Sequence[str]
+) -> None:
+    """Refuse files whose pages or pixel data reach past the end (tifffile may silently read less)."""
+    broken = [m for m in messages if "invalid page offset" in m or "invalid offset to first page" in m]
+    if broken:
+        raise InputError(f"{path}: truncated or corrupt TIFF ({broken[0].split('> ')[-1]})")
+    images = (tif.imagej_metadata or {}).get("images")
+    planes = math.prod(series.shape) // math.prod(series.shape[-2:]) if len(series.shape) >= 2 else 1
+    if images is not None and int(images) > planes and "S" not in (series.axes or ""):
+        raise InputError(f"{path}: truncated or corrupt TIFF (ImageJ says {images} images, found {planes})")
+    offset = getattr(series, "dataoffset", None)
+    if offset is not None and offset + series.nbytes > file_size:
+        raise InputError(
+            f"{path}: truncated or corrupt TIFF (pixel data end at byte {offset + series.nbytes}, "
+            f"file has {file_size} bytes)"
+        )
+    for page in tif.pages:
+        offsets = getattr(page, "dataoffsets", ()) or ()
+        counts = getattr(page, "databytecounts", ()) or ()
+        for offset, count in zip(offsets, counts, strict=False):
+            if count and offset + count > file_size:
+                raise InputError(
+                    f"{path}: truncated or corrupt TIFF (pixel data end at byte {offset + count}, "
+                    f"file has {file_size} bytes)"
+                )
+
+
+def _pixel_size(tif: tifffile.TiffFile, axes: str) -> tuple[float, ...] | None:
+    """Pixel size in microns from OME, ImageJ, or the resolution tags, in array order."""
+    if tif.is_ome:
+        size = _ome_pixel_size(tif.ome_metadata, axes)
+        if size is not None:
+            return size
+    page = tif.pages.first
+    xres, yres = page.tags.get("XResolution"), page.tags.get("YResolution")
+    ij = tif.imagej_metadata or {}
+    unit = ij.get("unit")
+    if unit is not None:
+        unit_um = _UNITS_UM.get(str(unit).strip().lower())
+    else:
+        res_unit = page.tags.get("ResolutionUnit")
+        res_unit = int(res_unit.value) if res_unit is not None else 2
+        unit_um = {3: 1e4, 2: 25400.0}.get(res_unit)
+    if unit_um is None or xres is None or yres is None:
+        return None
+    px_per_unit = [_ratio(yres.value), _ratio(xres.value)]
+    if any(v is None or v <= 0 for v in px_per_unit):
+        return None
+    if unit is None and unit_um == 25400.0 and any(v in _DEFAULT_DPI for v in px_per_unit):
+        return None
+    yx = tuple(unit_um / v for v in px_per_unit)
+    if "Z" in axes:
+        spacing = ij.get("spacing")
+        if spacing is None or not float(spacing) > 0:
+            return None
+        return (float(spacing) * unit_um, *yx)
+    return yx
+
+
+def _ratio(value) -> float | None:
+    try:
+        num, den = value
+        return float(num) / float(den) if den else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _ome_pixel_size(xml: str | None, axes: str) -> tuple[float, ...] | None:
+    if not xml:
+        return None
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = next((el for el in root.iter() if el.tag.endswith("}Pixels") or el.tag == "Pixels"), None)
+    if pixels is None:
+        return None
+    names = ("Z", "Y", "X") if "Z" in axes else ("Y", "X")
+    out = []
+    for a in names:
+        value = pixels.get(f"PhysicalSize{a}")
+        scale = _UNITS_UM.get(pixels.get(f"PhysicalSize{a}Unit", "µm").strip().lower())
+        if value is None or scale is None:
+            return None
+        out.append(float(value) * scale)
+    return tuple(out)
+
+
+def to_channels_first(
+    data: np.ndarray,
+    ndim: int,
+    in_channels: int | None = None,
+    channel_axis: int | None = None,
+    path: str | os.PathLike | None = None,
+    axes: str | None = None,
+) -> np.ndarray:
+    """Return ``data`` as ``(C, *spatial)`` with ``ndim`` spatial axes: the one channel rule.
+
+    * ``data.ndim == ndim``: a single channel, ``C = 1`` is added.
+    * ``data.ndim == ndim + 1``: the channel axis is ``channel_axis`` when given; else the file's ``C``
+      (or ``S``) axis when ``axes`` (tifffile's series axes) names exactly one; else the only axis whose
+      size equals ``in_channels``; else the smallest axis when it is the first or the last one and has at
+      most 4 entries (CYX / YXC, CZYX / ZYXC). Anything else is ambiguous and raises, asking for
+      ``channel_axis``.
+    * any other number of dimensions raises.
+
+    Returns a view when possible; the input is never modified.
+    """
+    where = f"{path}: " if path is not None else ""
+    data = np.asarray(data)
+    if data.ndim == ndim:
+        return data[np.newaxis]
+    if data.ndim != ndim + 1:
+        raise InputError(
+            f"{where}wrong number of dimensions: shape {data.shape} is neither {ndim}D nor {ndim}D "
+            f"with one channel axis"
+        )
+    if channel_axis is None and axes is not None and len(axes) == data.ndim:
+        named = [a for a, name in enumerate(axes.upper()) if name in "CS"]
+        channel_axis = named[0] if len(named) == 1 else None
+    axis = _channel_axis(data.shape, in_channels, channel_axis, where)
+    if in_channels is not None and data.shape[axis] != in_channels:
+        raise InputError(
+            f"{where}channel axis {axis} of shape {data.shape} has {data.shape[axis]} channels, "
+            f"expected {in_channels}"
+        )
+    return np.moveaxis(data, axis, 0)
+
+
+def _channel_axis(
+    shape: tuple[int, ...], in_channels: int | None, channel_axis: int | None, where: str
+) -> int:
+    n = len(shape)
+    if channel_axis is not None:
+        if not -n <= channel_axis < n:
+            raise InputError(f"{where}channel_axis {channel_axis} is out of range for shape {shape}")
+        return channel_axis % n
+    if in_channels is not None:
+        matches = [a for a, s in enumerate(shape) if s == in_channels]
+        if len(matches) == 1:
+            return matches[0]
+    smallest = min(shape)
+    candidates = [a for a in (0, n - 1) if shape[a] == smallest and shape[a] <= 4]
+    if len(candidates) == 1 and shape.count(smallest) == 1:
+        return candidates[0]
+    raise InputError(
+        f"{where}cannot tell which axis of shape {shape} holds the channels "
+        f"(in_channels={in_channels}); pass channel_axis (e.g. 0 for CYX/CZYX, -1 for YXC/ZYXC)"
+    )
+
+
+def write_tiff_atomic(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    pixel_size: Sequence[float] | None = None,
+    overwrite: bool = False,
+    axes: str | None = None,
+    compression: str | None = None,
+) -> Path:
+    """Write ``array`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``).
+
+    uint8, uint16, int16 and float32 (and bool, written as uint8 0/1) go to an ImageJ hyperstack with
+    the pixel size as resolution + ``spacing`` + unit ``micron``, which Fiji and napari show. Other dtypes
+    (int32, uint32, int64, float64, ...) cannot be stored in ImageJ files without loss, so they are written
+    as OME-TIFF with ``PhysicalSize*`` in microns plus the resolution tags (Fiji reads it through
+    Bio-Formats). ``pixel_size`` is in microns, array order, one value per spatial axis (the last
+    ``len(pixel_size)`` axes). ``axes`` defaults to ``YX`` / ``ZYX`` (``C`` first when there is one more
+    axis). Refuses to replace an existing file unless ``overwrite``; never leaves a partial file.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    if array.dtype.kind not in "iuf":
+        raise InputError(f"{path}: cannot write pixel type {array.dtype}")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: folder {path.parent} does not exist")
+    axes = axes or _default_axes(array.ndim, pixel_size)
+    if len(axes) != array.ndim:
+        raise InputError(f"{path}: axes {axes!r} do not match array shape {array.shape}")
+    array, kwargs = _tiff_args(array, axes, pixel_size, path)
+    if compression is not None:
+        kwargs["compression"] = compression
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        with open(tmp, "wb") as fh:
+            tifffile.imwrite(fh, array, photometric="minisblack", **kwargs)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _default_axes(ndim: int, pixel_size: Sequence[float] | None) -> str:
+    n_spatial = len(pixel_size) if pixel_size is not None else min(ndim, 3)
+    if ndim == 2:
+        return "YX"
+    if ndim == 3:
+        return "ZYX" if n_spatial == 3 else "CYX"
+    if ndim == 4:
+        return "CZYX"
+    raise InputError(f"cannot choose axes for a {ndim}D array; pass axes")
+
+
+def _tiff_args(
+    array: np.ndarray, axes: str, pixel_size: Sequence[float] | None, path: Path
+) -> tuple[np.ndarray, dict]:
+    """The array as written (ImageJ wants TZCYXS order) and tifffile's keyword arguments."""
+    spatial = [a for a in axes if a in "ZYX"]
+    if pixel_size is not None:
+        pixel_size = [float(p) for p in pixel_size]
+        if len(pixel_size) != len(spatial) or not all(math.isfinite(p) and p > 0 for p in pixel_size):
+            raise InputError(f"{path}: pixel_size {pixel_size} needs one positive value per axis of {axes!r}")
+    if array.dtype.name in _IMAGEJ_DTYPES:
+        if "Z" in axes and "C" in axes and axes.index("C") < axes.index("Z"):
+            order = [axes.index(a) for a in "ZCYX" if a in axes]
+            array, axes = np.transpose(array, order), "".join(axes[i] for i in order)
+        metadata: dict = {"axes": axes}
+        kwargs: dict = {"imagej": True, "metadata": metadata}
+        if pixel_size is not None:
+            metadata["unit"] = "micron"
+            kwargs["resolution"] = (1.0 / pixel_size[-1], 1.0 / pixel_size[-2])
+            if len(pixel_size) == 3:
+                metadata["spacing"] = pixel_size[0]
+        return array, kwargs
+    metadata = {"axes": axes}
+    kwargs = {"ome": True, "metadata": metadata}
+    if pixel_size is not None:
+        for a, p in zip(spatial, pixel_size, strict=True):
+            metadata[f"PhysicalSize{a}"] = p
+            metadata[f"PhysicalSize{a}Unit"] = "µm"
+        kwargs["resolution"] = (1e4 / pixel_size[-1], 1e4 / pixel_size[-2])
+        kwargs["resolutionunit"] = "CENTIMETER"
+    return array, kwargs
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,622 @@
+"""The Python API of the runtime: a :class:`Predictor` that turns images into instance labels.
+
+    >>> p = Predictor("model.onnx", backend="onnx-cpu", tta=False)
+    >>> labels = p.predict(image)                        # numpy array in, int32 labels out
+    >>> summary = p.predict_files(["a.tif", "imgs/"], "out/")
+
+The pipeline is the same for 2D and 3D and for every backend: the one channel rule
+(:func:`embedseg_deploy.io.to_channels_first`), the contract's normalisation, tiled prediction with a halo
+(or whole-image when the padded image fits one tile), optional test-time augmentation, and clustering
+with pixel coordinates in one global system. The origin of that system is the first pixel of the
+padded image (the rounding padding that whole-image prediction adds), exactly as upstream EmbedSeg's grid,
+so small images reproduce upstream's labels bit for bit.
+
+The CLI (``embedseg-run``) is a thin layer over this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from glob import escape as glob_escape
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .backends import Backend, create_backend
+from .contract import Contract, Thresholds
+from .io import InputError, read_tiff, to_channels_first, write_tiff_atomic
+from .normalize import normalize
+from .tiling import pad_widths, predict_tiled
+from .tta import predict_tta
+
+PIXEL_SIZE_TOLERANCE = 0.05
+TIFF_SUFFIXES = (".tif", ".tiff")
+SUMMARY_NAME = "summary.json"
+SEEDS_FOLDER = "seeds"
+AUTO_BLOCK_BYTES = 4 * 2**30  # whole-image mode above this estimate switches to block mode
+THRESHOLD_NAMES = tuple(Thresholds.__dataclass_fields__)
+
+
+class PixelSizeWarning(UserWarning):
+    """The image's pixel size differs from the one the model was trained on."""
+
+
+@dataclass
+class Result:
+    """Labels of one image plus what happened on the way."""
+
+    labels: np.ndarray
+    seeds: np.ndarray | None = None
+    n_objects: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _per_axis(value: int | Sequence[int] | None, ndim: int, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    values = [int(value)] * ndim if isinstance(value, int | np.integer) else [int(v) for v in value]
+    if len(values) == 1:
+        values = values * ndim
+    if len(values) != ndim or any(v < 0 for v in values):
+        raise ValueError(f"{name} needs 1 or {ndim} non-negative sizes (array order), got {value}")
+    return values
+
+
+def round_up(values: Sequence[int], multiple: int) -> list[int]:
+    return [-(-int(v) // multiple) * multiple for v in values]
+
+
+def label_dtype(n_objects: int) -> np.dtype:
+    """uint16 while ids fit (Fiji/napari read it everywhere), uint32 beyond 65535 objects."""
+    return np.dtype(np.uint16) if n_objects <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def check_pixel_size(image_px: Sequence[float] | None, contract: Contract, where: str = "") -> str | None:
+    """A warning text when the image's pixel size differs from the model's by more than 5 %."""
+    model_px = contract.pixel_size
+    if image_px is None or model_px is None:
+        return None
+    n = min(len(image_px), len(model_px))
+    pairs = list(zip(image_px[-n:], model_px[-n:], strict=True))
+    if all(abs(a - b) <= PIXEL_SIZE_TOLERANCE * b for a, b in pairs):
+        return None
+    shown = ", ".join(f"{a:.4g}" for a in image_px[-n:])
+    model = ", ".join(f"{b:.4g}" for b in model_px[-n:])
+    return (
+        f"{where}pixel size ({shown}) µm differs from the model's ({model}) µm by more than "
+        f"{PIXEL_SIZE_TOLERANCE:.0%}; rescale the image for best results"
+    )
+
+
+class Predictor:
+    """Segment images with one model on one backend.
+
+    ``tile``/``halo`` (array order, or one int for every axis) default to the contract's recommendation
+    for the backend's device; ``tile=0`` predicts the whole image in one pass. ``thresholds`` override
+    the contract's clustering defaults (``seed_thresh``, ``fg_thresh``, ``min_object_size``,
+    ``min_mask_sum``, ``min_unclustered_sum``). ``model`` is a path or an already created backend.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | Backend,
+        backend: str = "auto",
+        device: str | int | None = None,
+        tile: int | Sequence[int] | None = None,
+        halo: int | Sequence[int] | None = None,
+        tta: bool = False,
+        batch_size: int = 1,
+        threads: int | None = None,
+        engine_cache: str | os.PathLike | None = None,
+        thresholds: Mapping[str, float] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        t0 = time.perf_counter()
+        if threads:
+            _set_numba_threads(threads)
+        self.backend = (
+            model
+            if isinstance(model, Backend)
+            else create_backend(model, backend, device=device, threads=threads, engine_cache=engine_cache)
+        )
+        self.load_seconds = time.perf_counter() - t0
+        self.contract: Contract = self.backend.contract
+        c = self.contract
+        rec_tile, rec_halo = c.recommended_tile(self.backend.kind)
+        m = c.tile_multiple
+        tile_v = _per_axis(tile, c.ndim, "tile")
+        if tile_v is None:
+            tile_v = rec_tile
+        self.tile: list[int] | None = (
+            None if all(t == 0 for t in tile_v) else self.backend.shapes.fit_tile(tile_v)
+        )
+        halo_v = _per_axis(halo, c.ndim, "halo")
+        self.halo: list[int] = round_up(rec_halo if halo_v is None else halo_v, m)
+        if self.tile is not None and any(t <= 2 * h for t, h in zip(self.tile, self.halo, strict=True)):
+            raise ValueError(f"tile {self.tile} must be larger than twice the halo {self.halo}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.tta = bool(tta)
+        self.batch_size = int(batch_size)
+        self.threads = threads
+        unknown = set(thresholds or {}) - set(THRESHOLD_NAMES)
+        if unknown:
+            raise ValueError(f"unknown clustering parameters {sorted(unknown)}; known: {THRESHOLD_NAMES}")
+        self.thresholds = {
+            **vars(c.thresholds),
+            **{k: v for k, v in (thresholds or {}).items() if v is not None},
+        }
+        self.progress = progress
+
+    # ----------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self.backend.describe(),
+            "tile": self.tile,
+            "halo": self.halo,
+            "tta": self.tta,
+            "batch_size": self.batch_size,
+            "thresholds": self.thresholds,
+            "load_seconds": round(self.load_seconds, 4),
+        }
+
+    def prepare(
+        self, image: np.ndarray, channel_axis: int | None = None, axes: str | None = None, path: Any = None
+    ) -> np.ndarray:
+        """``image`` as normalised float32 ``(C, *spatial)`` (the one channel rule, then the contract)."""
+        c = self.contract
+        x = to_channels_first(image, c.ndim, c.in_channels, channel_axis, path=path, axes=axes)
+        if x.shape[0] != c.in_channels:
+            where = f"{path}: " if path is not None else ""
+            raise InputError(f"{where}image has {x.shape[0]} channel(s), the model takes {c.in_channels}")
+        try:
+            return normalize(x, c.normalization, channel_axis=0)
+        except ValueError as exc:
+            where = f"{path}: " if path is not None else ""
+            raise InputError(f"{where}{exc}") from None
+
+    def predict_raw(self, x: np.ndarray, stats: dict[str, float] | None = None) -> np.ndarray:
+        """Raw network output ``(2*ndim+1, *spatial)`` for a prepared image ``(C, *spatial)``."""
+        c = self.contract
+
+        def tiled(img: np.ndarray) -> np.ndarray:
+            return predict_tiled(
+                img,
+                self.backend.run,
+                c.out_channels,
+                self.tile,
+                self.halo if self.tile else 0,
+                batch_size=self.batch_size,
+                placement=c.padding,
+                multiple=c.tile_multiple,
+                progress=None if self.tta else self.progress,
+                stats=stats,
+            )
+
+        if not self.tta:
+            return tiled(x)
+        return predict_tta(x, tiled, multiple=c.tile_multiple, placement=c.padding, progress=self.progress)
+
+    def origin(self, spatial: Sequence[int]) -> list[int]:
+        """Grid index of pixel 0: the rounding padding before it (upstream's grid starts at the padded
+        image)."""
+        return [b for b, _ in pad_widths(spatial, self.contract.tile_multiple, self.contract.padding)]
+
+    def cluster(
+        self, raw: np.ndarray, origin: Sequence[int], return_seeds: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, Any]:
+        from .cluster import cluster
+
+        return cluster(
+            raw, self.contract.spacing, origin=list(origin), return_seeds=return_seeds, **self.thresholds
+        )
+
+    def run(
+        self,
+        image: np.ndarray,
+        channel_axis: int | None = None,
+        axes: str | None = None,
+        pixel_size: Sequence[float] | None = None,
+        want_seeds: bool = False,
+        path: Any = None,
+    ) -> Result:
+        """Segment one image; returns labels (int32), the seed map if asked, timings and warnings."""
+        timings: dict[str, float] = {}
+        notes: list[str] = []
+        where = f"{path}: " if path is not None else ""
+        warn = check_pixel_size(pixel_size, self.contract, where)
+        if warn:
+            notes.append(warn)
+            warnings.warn(warn, PixelSizeWarning, stacklevel=2)
+        t0 = time.perf_counter()
+        x = self.prepare(image, channel_axis, axes, path)
+        if float(np.ptp(x)) == 0.0:
+            notes.append(f"{where}image is constant; no objects can be found")
+        t1 = time.perf_counter()
+        timings["normalize"] = t1 - t0
+        stats: dict[str, float] = {}
+        raw = self.predict_raw(x, stats)
+        t2 = time.perf_counter()
+        timings.update({k: v for k, v in stats.items()})
+        timings["predict"] = t2 - t1
+        labels = np.asarray(self.cluster(raw, self.origin(x.shape[1:])))
+        timings["cluster"] = time.perf_counter() - t2
+        seeds = _sigmoid(raw[-1]) if want_seeds else None
+        n = int(labels.max()) if labels.size else 0
+        return Result(labels=labels, seeds=seeds, n_objects=n, timings=timings, warnings=notes)
+
+    def predict(self, image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
+        """Instance labels (int32, 0 = background) of ``image`` (spatial, or with one channel axis)."""
+        return self.run(image, channel_axis=channel_axis).labels
+
+    def predict_files(
+        self,
+        inputs: Iterable[str | os.PathLike],
+        out_dir: str | os.PathLike,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Segment files, folders and globs into ``out_dir``; see :func:`predict_files`."""
+        return predict_files(self, inputs, out_dir, **options)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float32)))).astype(np.float32)
+
+
+def _set_numba_threads(threads: int) -> None:
+    with contextlib.suppress(Exception):
+        import numba
+
+        numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files
+
+
+@dataclass
+class Job:
+    """One input file and where its outputs go, or why it cannot be processed."""
+
+    input: Path
+    output: Path | None = None
+    seeds: Path | None = None
+    error: str | None = None
+
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Job]]:
+    """Files from files, folders (their *.tif/*.tiff, sorted) and glob patterns; plus failed items."""
+    import glob
+
+    files: list[Path] = []
+    failed: list[Job] = []
+    for item in inputs:
+        text = str(item)
+        path = Path(text)
+        if path.is_dir():
+            found = sorted(
+                p
+                for p in path.iterdir()
+                if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".")
+            )
+            if not found:
+                failed.append(Job(path, error=f"{path}: folder holds no .tif/.tiff files"))
+            files.extend(found)
+        elif path.exists():
+            files.append(path)
+        elif glob.has_magic(text):
+            found = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
+            if not found:
+                failed.append(Job(path, error=f"{text}: pattern matches no file"))
+            files.extend(found)
+        else:
+            failed.append(Job(path, error=f"{path}: file not found"))
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, failed
+
+
+def plan_jobs(files: Sequence[Path], out_dir: Path, save_seeds: bool) -> list[Job]:
+    """Output paths ``out_dir/<stem>.tif`` (seeds under ``seeds/``); refuses clashes and overwriting
+    inputs."""
+    inputs = {f.resolve() for f in files}
+    taken: dict[Path, Path] = {}
+    jobs = []
+    for f in files:
+        out = out_dir / f"{_stem(f)}.tif"
+        seeds = out_dir / SEEDS_FOLDER / f"{_stem(f)}.tif" if save_seeds else None
+        job = Job(f, out, seeds)
+        for target in (out, seeds):
+            if target is not None and target.resolve() in inputs:
+                job.error = (
+                    f"{f}: output {target} would overwrite an input file; choose another output folder"
+                )
+        if job.error is None and out.resolve() in taken:
+            job.error = f"{f}: output name {out.name} clashes with the output of {taken[out.resolve()]}"
+        taken.setdefault(out.resolve(), f)
+        jobs.append(job)
+    return jobs
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def spatial_shape_of(
+    path: Path, contract: Contract, channel_axis: int | None = None
+) -> tuple[tuple[int, ...], str | None]:
+    """Spatial shape of a TIFF from its header alone (no pixel data read)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        series = tif.series[0]
+        shape, axes = tuple(series.shape), series.axes
+    dummy = np.broadcast_to(np.zeros((), np.uint8), shape)
+    x = to_channels_first(dummy, contract.ndim, contract.in_channels, channel_axis, path=path, axes=axes)
+    return tuple(x.shape[1:]), axes
+
+
+def output_is_complete(output: Path, spatial: Sequence[int]) -> bool:
+    """A finished label file: a readable TIFF of the right shape and a label dtype, with all its data."""
+    import tifffile
+
+    if not output.is_file():
+        return False
+    try:
+        size = output.stat().st_size
+        with tifffile.TiffFile(output) as tif:
+            series = tif.series[0]
+            if tuple(series.shape) != tuple(spatial) or np.dtype(series.dtype) not in (np.uint16, np.uint32):
+                return False
+            for page in tif.pages:
+                for off, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+                    if off + count > size:
+                        return False
+    except Exception:
+        return False
+    return True
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shaped the result."""
+    out = {"embedseg_deploy": __version__, "python": platform.python_version(), "numpy": np.__version__}
+    for name in ("onnxruntime", "tifffile", "numba", "scipy", "tensorrt", "torch"):
+        mod = sys.modules.get(name)
+        if mod is None and name in ("onnxruntime", "tifffile", "numba", "scipy"):
+            with contextlib.suppress(ImportError):
+                mod = __import__(name)
+        if mod is not None:
+            out[name] = str(getattr(mod, "__version__", "?"))
+    out["machine"] = f"{platform.system()} {platform.machine()} ({os.cpu_count()} cpus)"
+    return out
+
+
+def predict_files(
+    predictor: Predictor,
+    inputs: Iterable[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    save_seeds: bool = False,
+    overwrite: bool = False,
+    channel_axis: int | None = None,
+    block: int | Sequence[int] | None = None,
+    block_halo: int | Sequence[int] | None = None,
+    on_file: Callable[[dict[str, Any], int, int], None] | None = None,
+    summary_name: str | None = SUMMARY_NAME,
+) -> dict[str, Any]:
+    """Segment many images; one failing file never stops the others.
+
+    Outputs are ``out_dir/<stem>.tif`` (uint16 labels, uint32 past 65535 objects, with the input's pixel
+    size) and, with ``save_seeds``, ``out_dir/seeds/<stem>.tif`` (float32 seediness). Finished outputs are
+    skipped unless ``overwrite`` (resume after an interruption: outputs are written to a temp file and
+    renamed, so an existing output is complete). ``block`` switches to block-wise processing of big
+    images (see :mod:`embedseg_deploy.bigimage`). ``on_file(record, done, total)`` is called after each
+    file. Returns
+    the run summary (also written to ``out_dir/summary.json``); ``summary['failed']`` counts failures.
+    """
+    started = time.time()
+    out_dir = Path(out_dir)
+    prepare_output_dir(out_dir)
+    if save_seeds:
+        prepare_output_dir(out_dir / SEEDS_FOLDER)
+    files, failed = expand_inputs(inputs)
+    jobs = failed + plan_jobs(files, out_dir, save_seeds)
+    records: list[dict[str, Any]] = []
+    for i, job in enumerate(jobs, 1):
+        record = process_job(predictor, job, save_seeds, overwrite, channel_axis, block, block_halo)
+        records.append(record)
+        if on_file is not None:
+            on_file(record, i, len(jobs))
+    summary = {
+        "embedseg_run": "predict",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "seconds": round(time.time() - started, 3),
+        "out_dir": str(out_dir),
+        "predictor": predictor.describe(),
+        "versions": versions(),
+        "counts": {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")},
+        "failed": sum(r["status"] == "failed" for r in records),
+        "objects": sum(r.get("objects") or 0 for r in records),
+        "timings": _sum_timings(records),
+        "files": records,
+    }
+    if summary_name:
+        _write_json_atomic(out_dir / summary_name, summary)
+    return summary
+
+
+def prepare_output_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and prove it is writable, with a clear message when not."""
+    import tempfile
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".embedseg-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise InputError(
+            f"{out_dir}: output folder cannot be created or written ({exc.strerror or exc})"
+        ) from None
+
+
+def process_job(
+    predictor: Predictor,
+    job: Job,
+    save_seeds: bool,
+    overwrite: bool,
+    channel_axis: int | None,
+    block: int | Sequence[int] | None,
+    block_halo: int | Sequence[int] | None,
+) -> dict[str, Any]:
+    """Run one file; every expected failure becomes ``status='failed'`` with the reason."""
+    record: dict[str, Any] = {"input": str(job.input), "output": str(job.output) if job.output else None}
+    if job.error:
+        return {**record, "status": "failed", "error": job.error}
+    assert job.output is not None
+    t0 = time.perf_counter()
+    try:
+        spatial = _header_shape(job.input, predictor.contract, channel_axis)
+        auto = block is None and spatial is not None and needs_blocks(spatial, predictor.contract)
+        notes = []
+        if block is not None or auto:
+            if job.seeds is not None:
+                notes.append(f"{job.input}: seeds are not saved in block mode")
+            job.seeds = None
+        if not overwrite and spatial is not None and _finished(job, spatial):
+            return {**record, "status": "skipped", "reason": "output exists and is complete"}
+        for target in (job.output, job.seeds):
+            if target is not None:
+                remove_stale_temps(target)
+        if block is not None or auto:
+            from .bigimage import predict_big
+
+            big = predict_big(predictor, job.input, job.output, block, block_halo, channel_axis=channel_axis)
+            if auto:
+                notes.append(f"{job.input}: too large for whole-image mode; processed block by block")
+            return {
+                **record,
+                "status": "ok",
+                "objects": big.n_objects,
+                "shape": list(big.shape),
+                "dtype": str(big.dtype),
+                "mode": "blocks (auto)" if auto else "blocks",
+                "timings": _rounded(big.timings),
+                "warnings": notes + big.warnings,
+            }
+        t_read = time.perf_counter()
+        img = read_tiff(job.input)
+        read_s = time.perf_counter() - t_read
+        result = predictor.run(img.data, channel_axis, img.axes, img.pixel_size, save_seeds, path=job.input)
+        t_write = time.perf_counter()
+        px = _output_pixel_size(img.pixel_size, predictor.contract.ndim)
+        labels = result.labels.astype(label_dtype(result.n_objects), copy=False)
+        write_tiff_atomic(job.output, labels, pixel_size=px, overwrite=True)
+        if job.seeds is not None and result.seeds is not None:
+            write_tiff_atomic(job.seeds, result.seeds, pixel_size=px, overwrite=True)
+        timings = {"read": read_s, **result.timings, "write": time.perf_counter() - t_write}
+        timings["total"] = time.perf_counter() - t0
+        return {
+            **record,
+            "status": "ok",
+            "objects": result.n_objects,
+            "shape": list(labels.shape),
+            "dtype": str(labels.dtype),
+            "pixel_size": px,
+            "timings": _rounded(timings),
+            "warnings": notes + result.warnings,
+        }
+    except Exception as exc:  # one bad file must not stop the batch; the reason is reported
+        message = str(exc) or type(exc).__name__
+        if not isinstance(exc, InputError | ValueError | OSError | MemoryError | RuntimeError):
+            message = f"{type(exc).__name__}: {message}"
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            message = f"{job.input}: cannot write output: {exc.strerror or exc}" if exc.errno else message
+        if str(job.input) not in message:
+            message = f"{job.input}: {message}"
+        return {**record, "status": "failed", "error": message}
+
+
+def remove_stale_temps(output: Path) -> None:
+    """Delete temp files an interrupted run left for ``output`` (``.<name>.*.tmp`` beside it)."""
+    for tmp in output.parent.glob(f".{glob_escape(output.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _header_shape(path: Path, contract: Contract, channel_axis: int | None) -> tuple[int, ...] | None:
+    """Spatial shape from the TIFF header, or None when the header cannot be read (reported later)."""
+    try:
+        return spatial_shape_of(path, contract, channel_axis)[0]
+    except Exception:
+        return None
+
+
+def needs_blocks(spatial: Sequence[int], contract: Contract, budget: int = AUTO_BLOCK_BYTES) -> bool:
+    """True when whole-image prediction would need more than ``budget`` bytes (input, raw output, labels)."""
+    per_pixel = 4 * (contract.in_channels + contract.out_channels + 3)
+    return math.prod(spatial) * per_pixel > budget
+
+
+def _finished(job: Job, spatial: Sequence[int]) -> bool:
+    """True when the job's outputs already exist and are complete."""
+    if job.output is None or not job.output.is_file():
+        return False
+    if job.seeds is not None and not job.seeds.is_file():
+        return False
+    return output_is_complete(job.output, spatial)
+
+
+def _output_pixel_size(pixel_size: Sequence[float] | None, ndim: int) -> list[float] | None:
+    """The input's pixel size when it covers every spatial axis (TIFF cannot store a partial one)."""
+    if pixel_size is None or len(pixel_size) != ndim:
+        return None
+    values = [float(p) for p in pixel_size]
+    return values if all(math.isfinite(v) and v > 0 for v in values) else None
+
+
+def _rounded(timings: Mapping[str, float]) -> dict[str, float]:
+    return {k: round(float(v), 4) for k, v in timings.items()}
+
+
+def _sum_timings(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for r in records:
+        for k, v in (r.get("timings") or {}).items():
+            total[k] = total.get(k, 0.0) + v
+    return _rounded(total)
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    import json
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

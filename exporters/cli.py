@@ -1,0 +1,235 @@
+"""``embedseg-export``: checkpoints to verified ONNX models and TensorRT engines.
+
+    embedseg-export onnx CHECKPOINT -o model.onnx [--precision fp16] [--no-verify] [--force]
+    embedseg-export trt model.onnx -o model.engine [--tile 256x256/512x512/512x512] [--precision fp16]
+    embedseg-export info MODEL
+
+Every command fails with a one-line reason and exit status 1 on bad input; outputs are never overwritten
+without ``--force`` and are written through a temp file. Heavy imports (torch, onnx, tensorrt) happen
+inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from embedseg_deploy.contract import ContractError
+from embedseg_deploy.engine_cache import EngineError, write_atomic
+
+from . import __version__
+from .fp16 import DEFAULT_KEEP, KEEP_CHOICES, Fp16Error
+from .info import ModelFileError, describe, expect_kind, format_info
+from .verify import VerificationError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ContractError,
+    EngineError,
+    Fp16Error,
+    ModelFileError,
+    VerificationError,
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors = USER_ERRORS
+    try:
+        from embedseg_training.checkpoint import CheckpointError
+
+        errors += (CheckpointError,)
+    except ImportError:
+        pass
+    try:
+        from .onnx_export import ExportError
+
+        errors += (ExportError,)
+    except ImportError:  # no torch: the onnx command reports it
+        pass
+    return errors
+
+
+def _keep(text: str) -> list[str]:
+    keep = [k.strip() for k in text.split(",") if k.strip() and k.strip() != "none"]
+    bad = [k for k in keep if k not in KEEP_CHOICES]
+    if bad:
+        raise click.BadParameter(f"unknown {bad}; choose from {', '.join(KEEP_CHOICES)} or none")
+    return keep
+
+
+def _save_report(path: Path | None, report: dict | None) -> None:
+    if path is not None and report is not None:
+        write_atomic(path, (json.dumps(report, indent=1) + "\n").encode(), force=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedseg-export")
+def main() -> None:
+    """Export EmbedSeg models: checkpoint -> ONNX (fp32/fp16) -> TensorRT engine, each verified."""
+
+
+@main.command("onnx")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
+@click.option(
+    "--upstream-json",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder with an upstream checkpoint's data_properties.json etc. (default: the checkpoint's folder).",
+)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--keep-fp32",
+    default=",".join(DEFAULT_KEEP),
+    show_default=True,
+    help=f"fp16 only: parts kept in fp32, comma separated from {', '.join(KEEP_CHOICES)} (or none).",
+)
+@click.option("--opset", type=int, default=17, show_default=True)
+@click.option("--exporter", type=click.Choice(["legacy", "dynamo"]), default="legacy", show_default=True)
+@click.option(
+    "--verify/--no-verify", default=True, show_default=True, help="Compare with torch before writing."
+)
+@click.option(
+    "--verify-input", type=click.Path(path_type=Path, dir_okay=False), help="C x spatial .npy tile."
+)
+@click.option(
+    "--report", type=click.Path(path_type=Path, dir_okay=False), help="Write the verification JSON."
+)
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def onnx_command(
+    checkpoint,
+    output,
+    upstream_json,
+    precision,
+    keep_fp32,
+    opset,
+    exporter,
+    verify,
+    verify_input,
+    report,
+    threads,
+    force,
+):
+    """Export CHECKPOINT (ours, or upstream EmbedSeg with its JSON files) to an ONNX model."""
+    try:
+        expect_kind(checkpoint, "checkpoint", "embedseg-export onnx")
+        import torch
+
+        from .onnx_export import export_checkpoint
+
+        torch.set_num_threads(threads)
+        exported = export_checkpoint(
+            checkpoint,
+            output,
+            upstream_json_dir=upstream_json,
+            force=force,
+            fixture=verify_input,
+            opset=opset,
+            exporter=exporter,
+            precision=precision,
+            keep_fp32=_keep(keep_fp32),
+            verify=verify,
+        )
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    if exported.report is not None:
+        click.echo("\n".join(exported.report.lines()))
+        _save_report(report, exported.report.to_dict())
+    c, seconds = exported.contract, exported.seconds
+    click.echo(
+        f"wrote {output} ({c.ndim}D, {precision}, opset {c.provenance['export']['opset']}, {seconds:.1f} s)"
+    )
+
+
+@main.command("trt")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="Engine file to write.")
+@click.option(
+    "--tile",
+    "tiles",
+    multiple=True,
+    help="Spatial profile OPT or MIN/OPT/MAX, e.g. 512x512 or 16x64x64/32x128x128/48x160x160; repeat for "
+    "more profiles. Default: the contract's GPU tile (min 8s, opt tile, max tile + 2 halo).",
+)
+@click.option("--batch", default="1", show_default=True, help="Batch size B or MIN/OPT/MAX.")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "tf32", "fp16"]),
+    help="Default: the ONNX model's. fp16 from an fp32 model writes OUTPUT-stem.fp16.onnx, then builds.",
+)
+@click.option(
+    "--keep-fp32", default=",".join(DEFAULT_KEEP), show_default=True, help="For the fp16 conversion."
+)
+@click.option("--workspace-mb", type=int, help="TensorRT workspace limit in MiB.")
+@click.option(
+    "--timing-cache", type=click.Path(path_type=Path, dir_okay=False), help="Read and update this file."
+)
+@click.option("--verify/--no-verify", default=True, show_default=True, help="Compare with ONNX Runtime CPU.")
+@click.option(
+    "--verify-input", type=click.Path(path_type=Path, dir_okay=False), help="C x spatial .npy tile."
+)
+@click.option("--device", type=int, default=0, show_default=True, help="CUDA device index.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--verbose", is_flag=True, help="TensorRT's verbose log.")
+def trt_command(
+    model,
+    output,
+    tiles,
+    batch,
+    precision,
+    keep_fp32,
+    workspace_mb,
+    timing_cache,
+    verify,
+    verify_input,
+    device,
+    force,
+    verbose,
+):
+    """Build a TensorRT engine (+ OUTPUT.json sidecar) from an ONNX MODEL made by `embedseg-export onnx`."""
+    try:
+        expect_kind(model, "onnx", "embedseg-export trt")
+        from .tensorrt_build import build_trt
+
+        path, sidecar = build_trt(
+            model,
+            output,
+            tiles=tiles,
+            batch=batch,
+            precision=precision,
+            workspace_mb=workspace_mb,
+            timing_cache=timing_cache,
+            keep_fp32=_keep(keep_fp32),
+            verify=verify,
+            fixture=verify_input,
+            force=force,
+            device_id=device,
+            verbose=verbose,
+        )
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    facts = sidecar["engine"]
+    if "verification" in sidecar:
+        click.echo(f"verification: passed, max errors {sidecar['verification']['max_errors']}")
+    click.echo(
+        f"wrote {path} + {path.name}.json (TensorRT {facts['tensorrt_version']}, {facts['gpu_name']}, "
+        f"sm {facts['compute_capability']}, {facts['precision']}, {facts['build_seconds']} s)"
+    )
+
+
+@main.command("info")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--upstream-json", type=click.Path(path_type=Path, file_okay=False), help="For upstream checkpoints."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+def info_command(model, upstream_json, as_json):
+    """Print the contract of a checkpoint, ONNX model or engine; check an engine against this machine."""
+    try:
+        info = describe(model, upstream_json)
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(info, indent=1) if as_json else format_info(info))
+    if info["problems"]:
+        raise click.ClickException("; ".join(info["problems"]))

@@ -1,0 +1,281 @@
+"""Verification of exported models in the units the clustering sees.
+
+Raw outputs are compared after the activations the runtime applies, per output group:
+
+* offsets in pixels: ``|tanh(a) - tanh(b)| / spacing`` along the offset's axis (a pixel is ``spacing``
+  embedding units, ~1e-3 for upstream models, so a raw difference is worth ~1000x more here than it looks);
+* sigma, relative: ``|exp(10 a) - exp(10 b)| / exp(10 b) = |expm1(10 (a - b))|``;
+* seed, absolute: ``|sigmoid(a) - sigmoid(b)|``.
+
+Then, where ``embedseg_deploy.cluster`` is importable, both outputs are clustered with the contract's
+thresholds and the labels compared: identical for fp32, AP@0.5 (``embedseg_deploy.metrics``) for fp16.
+
+The inputs: the fixture tile (upstream ``network_input.npy`` or a deterministic synthetic image normalised
+as the contract says) and random tiles at two sizes with batch 1 and 2 (dynamic axes exercised).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embedseg_deploy.contract import Contract, axis_of_dim
+from embedseg_deploy.normalize import normalize
+
+Runner = Callable[[np.ndarray], np.ndarray]
+GROUPS = ("offset_px", "sigma_rel", "seed_abs")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest accepted error per output group; ``min_label_ap`` None means labels must be identical."""
+
+    offset_px: float
+    sigma_rel: float
+    seed_abs: float
+    min_label_ap: float | None = None
+
+
+# fp32: ONNX Runtime CPU vs torch CPU (measured <= 3e-5 px, 1e-5 rel, 3e-6 on the fixtures); labels identical.
+# fp16: fp16 ONNX vs the fp32 reference; measured on the trained upstream fixtures at most 0.019 px, 2.0 %,
+# 0.005 (benchmarks/results/fp16_error.md), so the limits are ~5x that. The label check catches a collapse
+# (TensorRT #3893: fp16 mIoU 79 -> 0), not a boundary pixel: a fixture tile holds 9-60 objects, so one
+# object more or less moves AP@0.5 by 0.02-0.2. GPU engines are compared with ONNX Runtime CPU: fp32
+# kernels sum in another order (not measured yet: no GPU here), tf32 rounds conv inputs like fp16 does.
+TOLERANCES: dict[str, Tolerance] = {
+    "fp32": Tolerance(1e-4, 1e-4, 1e-4),
+    "fp16": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
+    "engine-fp32": Tolerance(1e-2, 1e-3, 1e-3, min_label_ap=0.98),
+    "engine-tf32": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
+    "engine-fp16": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
+}
+
+
+class VerificationError(RuntimeError):
+    """An exported model does not reproduce its reference within tolerance."""
+
+
+def output_errors(test: np.ndarray, ref: np.ndarray, spacing: list[float]) -> dict[str, float]:
+    """Max error per output group between raw outputs ``(N, 2*ndim+1, *spatial)``; inf when not finite."""
+    if test.shape != ref.shape:
+        raise VerificationError(f"output shape {test.shape} differs from the reference {ref.shape}")
+    ndim = len(spacing)
+    if not np.isfinite(test).all():
+        return dict.fromkeys(GROUPS, float("inf"))
+    a, b = test.astype(np.float64), ref.astype(np.float64)
+    offsets = [
+        np.abs(np.tanh(a[:, d]) - np.tanh(b[:, d])).max() / spacing[axis_of_dim(d, ndim)] for d in range(ndim)
+    ]
+    sigma = np.abs(np.expm1(10.0 * (a[:, ndim : 2 * ndim] - b[:, ndim : 2 * ndim]))).max()
+    seed = np.abs(_sigmoid(a[:, -1]) - _sigmoid(b[:, -1])).max()
+    return {"offset_px": float(max(offsets)), "sigma_rel": float(sigma), "seed_abs": float(seed)}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def synthetic_image(contract: Contract, spatial: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """A deterministic image of bright blobs (C, *spatial), float32, normalised as the contract says."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in spatial], indexing="ij")
+    image = 0.1 + 0.05 * grids[-1] / max(spatial[-1], 1)  # background with a gradient
+    n_blobs = max(2, int(np.prod(spatial) / (18.0**contract.ndim)))
+    for _ in range(n_blobs):
+        centre = rng.uniform(0, spatial)
+        radii = rng.uniform(4.0, 9.0, contract.ndim)
+        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True)) <= 1.0
+        image[inside] = rng.uniform(0.5, 1.0)
+    image = image + rng.normal(0.0, 0.02, image.shape)
+    scale = contract.normalization.divisor if contract.normalization.kind == "absolute" else 1000.0
+    raw = np.clip(image, 0, 1) * float(scale)
+    stack = np.stack([raw * (1.0 - 0.1 * c) for c in range(contract.in_channels)])
+    return normalize(stack, contract.normalization, channel_axis=0)
+
+
+def random_tiles(contract: Contract, seed: int = 1) -> dict[str, np.ndarray]:
+    """Two uniform [0, 1) tiles of different sizes, batch 1 and 2 (multiples of the tile multiple)."""
+    rng = np.random.default_rng(seed)
+    m = contract.tile_multiple
+    sizes = ([8 * m, 8 * m], [6 * m, 10 * m]) if contract.ndim == 2 else ([2 * m] * 3, [2 * m, 3 * m, 4 * m])
+    tiles = {}
+    for batch, spatial in zip((1, 2), sizes, strict=True):
+        name = f"random-{'x'.join(map(str, spatial))}-b{batch}"
+        tiles[name] = rng.uniform(0, 1, (batch, contract.in_channels, *spatial)).astype(np.float32)
+    return tiles
+
+
+def fixture_tile(contract: Contract, path: str | Path | None = None) -> tuple[str, np.ndarray]:
+    """("fixture", (1, C, *spatial)) from ``path`` (.npy, C x spatial or 1 x C x spatial) or synthetic."""
+    if path is None:
+        spatial = (128, 128) if contract.ndim == 2 else (16, 48, 48)
+        return "synthetic", synthetic_image(contract, spatial)[None]
+    x = np.load(path)
+    if x.ndim == contract.ndim + 1:
+        x = x[None]
+    if x.ndim != contract.ndim + 2 or x.shape[1] != contract.in_channels:
+        raise VerificationError(
+            f"{path}: shape {x.shape} is not C x spatial for a {contract.ndim}D model with "
+            f"{contract.in_channels} channel(s)"
+        )
+    if any(s % contract.tile_multiple for s in x.shape[2:]):
+        raise VerificationError(
+            f"{path}: spatial sizes {x.shape[2:]} are not multiples of {contract.tile_multiple}"
+        )
+    return "fixture", np.ascontiguousarray(x, dtype=np.float32)
+
+
+def standard_inputs(contract: Contract, fixture: str | Path | None = None) -> dict[str, np.ndarray]:
+    name, tile = fixture_tile(contract, fixture)
+    return {name: tile, **random_tiles(contract)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runners and labels
+
+
+def ort_runner(model: bytes | str | Path, threads: int = 2, optimize: bool = True) -> Runner:
+    """ONNX Runtime CPU session as a function. ``optimize=False`` keeps every Cast of an fp16 model, so
+    activations are rounded to fp16 between nodes as on a GPU (ORT's CPU optimiser would drop them)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # shared/loaded CPUs
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def clusterer() -> Callable[..., np.ndarray] | None:
+    """``embedseg_deploy.cluster.cluster`` when importable, else None."""
+    try:
+        return importlib.import_module("embedseg_deploy.cluster").cluster
+    except (ImportError, AttributeError):
+        return None
+
+
+def labels_of(raw: np.ndarray, contract: Contract, cluster: Callable[..., np.ndarray]) -> np.ndarray:
+    """Instance labels of one raw output ``(C, *spatial)`` with the contract's spacing and thresholds."""
+    return np.asarray(cluster(raw, contract.spacing, **asdict(contract.thresholds)))
+
+
+def label_ap(ref: np.ndarray, test: np.ndarray, thresh: float = 0.5) -> float:
+    """AP (TP / (TP + FP + FN)) of ``test`` against ``ref`` at IoU ``thresh``; 1.0 when both are empty."""
+    if not ref.any() and not test.any():
+        return 1.0
+    from embedseg_deploy.metrics import matching
+
+    return float(matching(ref, test, thresh=thresh).accuracy)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reports
+
+
+@dataclass
+class Case:
+    name: str
+    shape: list[int]
+    errors: dict[str, float]
+    labels: dict[str, Any] | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """What was compared with what, per input case, and whether it passed."""
+
+    test: str
+    reference: str
+    tolerance: Tolerance
+    cases: list[Case] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not any(c.problems for c in self.cases)
+
+    def max_errors(self) -> dict[str, float]:
+        return {g: max((c.errors[g] for c in self.cases), default=0.0) for g in GROUPS}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "test": self.test,
+            "reference": self.reference,
+            "passed": self.passed,
+            "tolerance": asdict(self.tolerance),
+            "max_errors": self.max_errors(),
+            "cases": [asdict(c) for c in self.cases],
+            "notes": list(self.notes),
+        }
+
+    def lines(self) -> list[str]:
+        out = [f"verification: {self.test} vs {self.reference}: {'passed' if self.passed else 'FAILED'}"]
+        for c in self.cases:
+            errs = ", ".join(f"{g} {c.errors[g]:.2e}" for g in GROUPS)
+            lab = ""
+            if c.labels:
+                n_ref, n_test, ap = c.labels["n_ref"], c.labels["n_test"], c.labels["ap50"]
+                lab = f"; labels {n_ref}/{n_test} objects, AP@0.5 {ap:.4f}"
+            out.append(f"  {c.name} {'x'.join(map(str, c.shape))}: {errs}{lab}")
+            out += [f"    PROBLEM: {p}" for p in c.problems]
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            raise VerificationError("\n".join(self.lines()))
+
+
+def compare(
+    test: Runner,
+    reference: Runner,
+    contract: Contract,
+    inputs: Mapping[str, np.ndarray],
+    tolerance: Tolerance,
+    names: tuple[str, str] = ("onnx", "torch"),
+    label_cases: tuple[str, ...] = ("fixture", "synthetic"),
+) -> Report:
+    """Run both on every input, measure the errors, cluster the ``label_cases`` and judge them."""
+    report = Report(names[0], names[1], tolerance)
+    cluster = clusterer()
+    if cluster is None:
+        report.notes.append("label check skipped: embedseg_deploy.cluster is not importable")
+    for name, x in inputs.items():
+        a, b = np.asarray(test(x)), np.asarray(reference(x))
+        case = Case(name, list(x.shape), output_errors(a, b, contract.spacing))
+        for group in GROUPS:
+            limit = getattr(tolerance, group)
+            if not case.errors[group] <= limit:
+                case.problems.append(f"{group} error {case.errors[group]:.3g} exceeds {limit:g}")
+        if cluster is not None and name in label_cases:
+            ref_labels, test_labels = labels_of(b[0], contract, cluster), labels_of(a[0], contract, cluster)
+            identical = bool(np.array_equal(ref_labels, test_labels))
+            ap = 1.0 if identical else label_ap(ref_labels, test_labels)
+            case.labels = {
+                "n_ref": len(np.unique(ref_labels[ref_labels > 0])),
+                "n_test": len(np.unique(test_labels[test_labels > 0])),
+                "identical": identical,
+                "ap50": ap,
+            }
+            if tolerance.min_label_ap is None and not identical:
+                case.problems.append(f"labels differ (AP@0.5 {ap:.4f}); fp32 must give identical labels")
+            elif tolerance.min_label_ap is not None and ap < tolerance.min_label_ap:
+                case.problems.append(f"label AP@0.5 {ap:.4f} below {tolerance.min_label_ap}")
+        report.cases.append(case)
+    return report

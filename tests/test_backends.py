@@ -1,0 +1,250 @@
+"""Backends: one interface, the contract read through onnxruntime, no silent fallback, clear failures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from embedseg_deploy.backends import (
+    BackendError,
+    ShapeSpec,
+    create_backend,
+    model_kind,
+    onnx_backend,
+    parse_device,
+)
+from embedseg_deploy.contract import ContractError
+
+from ._runtime_models import erfnet_model, toy_contract, toy_model, toy_onnx
+from .conftest import upstream_case
+
+
+@pytest.fixture(scope="module")
+def toy2d(tmp_path_factory) -> Path:
+    return toy_model(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def toy3d(tmp_path_factory) -> Path:
+    return toy_model(tmp_path_factory, 3)
+
+
+def _toy_reference(x: np.ndarray, contract) -> np.ndarray:
+    """What the toy network computes, written independently with scipy (zero padding at the border)."""
+    n = x.shape[0]
+    ndim = x.ndim - 2
+    mean = np.stack([ndimage.uniform_filter(x[i].mean(0), 3, mode="constant") for i in range(n)])
+    out = np.zeros((n, 2 * ndim + 1, *x.shape[2:]), np.float32)
+    d = 10.0 * contract.spacing[-1]
+    out[:, ndim : 2 * ndim] = np.log(np.log(2) / d**2) / 10
+    out[:, -1] = 24.0 * mean - 12.0
+    return out
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_onnx_cpu_runs_the_model_and_reads_its_contract(ndim, toy2d, toy3d):
+    path = toy2d if ndim == 2 else toy3d
+    backend = create_backend(path, "onnx-cpu", threads=2)
+    assert backend.name == "onnx-cpu" and backend.device == "cpu" and backend.precision == "fp32"
+    assert backend.contract == toy_contract(ndim)
+    assert backend.info["providers"] == ["CPUExecutionProvider"]
+    rng = np.random.default_rng(ndim)
+    x = rng.random((2, 1, *([16] * ndim)), dtype=np.float32)
+    out = backend.run(x)
+    assert out.shape == (2, 2 * ndim + 1, *([16] * ndim)) and out.dtype == np.float32
+    np.testing.assert_allclose(out, _toy_reference(x, backend.contract), atol=2e-5)
+
+
+def test_auto_picks_a_backend_that_runs_and_says_which(toy2d):
+    backend = create_backend(toy2d, "auto", threads=1)
+    assert backend.info["auto"]["chosen"] == backend.name
+    listed = onnx_backend.available_providers()
+    if "CUDAExecutionProvider" not in listed and "TensorrtExecutionProvider" not in listed:
+        assert backend.name == "onnx-cpu"
+    assert create_backend(toy2d, "auto", device="cpu").name == "onnx-cpu"
+
+
+@pytest.mark.parametrize("name", ["onnx-cuda", "onnx-trt"])
+def test_gpu_backend_without_its_provider_is_an_error(name, toy2d):
+    if onnx_backend.PROVIDER_OF[name] in onnx_backend.available_providers():
+        pytest.skip("this onnxruntime lists the provider; the fake-session test covers the fallback")
+    with pytest.raises(BackendError, match=f"no {onnx_backend.PROVIDER_OF[name]}.*onnxruntime-gpu"):
+        create_backend(toy2d, name)
+
+
+def test_gpu_session_that_lands_on_cpu_is_refused(toy2d, monkeypatch):
+    """onnxruntime-gpu without a usable GPU quietly runs a CUDA session on the CPU: that must be an error."""
+    import onnxruntime as ort
+
+    seen = {}
+    real_session = ort.InferenceSession
+
+    def fake_session(path, sess_options=None, providers=None):
+        if providers != ["CPUExecutionProvider"]:
+            seen["fallback"] = sess_options.get_session_config_entry("session.disable_cpu_ep_fallback")
+            seen["providers"] = providers
+        return real_session(path, providers=["CPUExecutionProvider"])  # what a silent fallback gives
+
+    monkeypatch.setattr(
+        ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ort, "InferenceSession", fake_session)
+    with pytest.raises(BackendError, match="refusing to run silently"):
+        create_backend(toy2d, "onnx-cuda")
+    assert seen["fallback"] == "1"
+    assert [p[0] if isinstance(p, tuple) else p for p in seen["providers"]] == ["CUDAExecutionProvider"]
+    # auto mode moves on to the CPU and records why
+    backend = create_backend(toy2d, "auto")
+    assert backend.name == "onnx-cpu"
+    assert backend.info["auto"]["skipped"][0]["backend"] == "onnx-cuda"
+    assert "refusing" in backend.info["auto"]["skipped"][0]["reason"]
+
+
+def test_run_checks_shapes_and_channels(toy2d):
+    backend = create_backend(toy2d, "onnx-cpu")
+    with pytest.raises(BackendError, match="multiple of 8"):
+        backend.run(np.zeros((1, 1, 20, 16), np.float32))
+    with pytest.raises(BackendError, match="takes 1 channel"):
+        backend.run(np.zeros((1, 2, 16, 16), np.float32))
+    with pytest.raises(BackendError, match="spatial dims"):
+        backend.run(np.zeros((1, 1, 8, 8, 8), np.float32))
+
+
+def test_static_model_shapes_are_reported_and_tiles_fitted(tmp_path):
+    path = toy_onnx(tmp_path / "static.onnx", 2, static_shape=(32, 48))
+    backend = create_backend(path, "onnx-cpu")
+    assert backend.shapes.min_spatial == backend.shapes.max_spatial == (32, 48)
+    assert backend.shapes.max_batch == 1
+    assert backend.shapes.fit_tile([64, 64]) == [32, 48]
+    assert backend.shapes.problem((32, 48)) is None
+    assert "exceeds" in backend.shapes.problem((40, 48))
+    assert "batch" in backend.shapes.problem((32, 48), batch=2)
+
+
+def test_shape_spec_fit_tile_rounds_to_the_multiple():
+    spec = ShapeSpec(3, 8, (8, 16, 16), (64, 128, 128))
+    assert spec.fit_tile([30, 100, 500]) == [32, 104, 128]
+    assert spec.fit_tile([1, 1, 1]) == [8, 16, 16]
+
+
+def test_bad_model_files_name_the_file(tmp_path, toy2d):
+    text = tmp_path / "notes.onnx"
+    text.write_text("this is not a model")
+    with pytest.raises(BackendError, match=r"notes\.onnx.*cannot create an onnxruntime"):
+        create_backend(text, "onnx-cpu")
+    with pytest.raises(BackendError, match="model file not found"):
+        create_backend(tmp_path / "missing.onnx")
+    with pytest.raises(BackendError, match="is a directory"):
+        create_backend(tmp_path)
+    with pytest.raises(BackendError, match="unknown backend"):
+        create_backend(toy2d, "openvino")
+    import onnx
+
+    bare = onnx.load(str(toy2d))
+    del bare.metadata_props[:]
+    onnx.save(bare, str(tmp_path / "bare.onnx"))
+    with pytest.raises(ContractError, match=r"bare\.onnx.*no EmbedSeg contract"):
+        create_backend(tmp_path / "bare.onnx", "onnx-cpu")
+    # a contract in a sidecar JSON is accepted
+    (tmp_path / "bare.onnx.json").write_text(toy_contract(2).to_json())
+    assert create_backend(tmp_path / "bare.onnx", "onnx-cpu").contract == toy_contract(2)
+
+
+def test_model_kinds_and_devices():
+    assert (
+        model_kind("m.engine") == "engine"
+        and model_kind("m.pth") == "checkpoint"
+        and model_kind("m.onnx") == "onnx"
+    )
+    assert (
+        parse_device("cuda:1") == ("cuda", 1)
+        and parse_device("cpu") == ("cpu", 0)
+        and parse_device(2) == ("cuda", 2)
+    )
+    with pytest.raises(BackendError):
+        parse_device("tpu")
+
+
+def test_cpu_backend_on_a_cuda_device_is_refused(toy2d):
+    with pytest.raises(BackendError, match="onnx-cpu cannot run on a CUDA device"):
+        create_backend(toy2d, "onnx-cpu", device="cuda")
+
+
+def _fake_engine(tmp_path: Path, facts: dict) -> Path:
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not really an engine")
+    doc = {"kind": "embedseg-tensorrt-engine", "contract": toy_contract(2).to_dict(), "engine": facts}
+    (tmp_path / "model.engine.json").write_text(json.dumps(doc))
+    return engine
+
+
+def test_engine_for_another_gpu_is_refused_with_the_reason(tmp_path, monkeypatch):
+    from embedseg_deploy.backends import tensorrt_backend
+
+    engine = _fake_engine(
+        tmp_path, {"tensorrt_version": "10.13.0", "gpu_name": "Tesla T4", "compute_capability": "7.5"}
+    )
+    here = {"tensorrt_version": "10.13.0", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
+    monkeypatch.setattr(tensorrt_backend, "local_environment", lambda device_id=0: here)
+    with pytest.raises(BackendError, match=r"model.engine: this engine cannot run here: built for Tesla T4"):
+        create_backend(engine, "tensorrt")
+    with pytest.raises(BackendError, match=r"TensorRT 10\.13\.0, this machine has TensorRT 11"):
+        monkeypatch.setattr(
+            tensorrt_backend,
+            "local_environment",
+            lambda device_id=0: {**here, "tensorrt_version": "11.0", "compute_capability": "7.5"},
+        )
+        create_backend(engine, "tensorrt")
+
+
+def test_engine_without_tensorrt_or_sidecar_is_a_clear_error(tmp_path):
+    engine = _fake_engine(tmp_path, {"tensorrt_version": "10.13.0", "compute_capability": "9.0"})
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match="TensorRT is not installed"):
+            create_backend(engine, "auto")
+    (tmp_path / "model.engine.json").unlink()
+    with pytest.raises(BackendError, match=r"no sidecar model\.engine\.json"):
+        create_backend(engine, "tensorrt")
+
+
+def test_torch_backend_matches_onnx_runtime(tmp_path_factory):
+    """The optional torch backend (imports torch only when chosen) gives the exported model's outputs."""
+    pytest.importorskip("torch")
+    case = upstream_case(2)
+    ort_backend = create_backend(erfnet_model(tmp_path_factory, case), "onnx-cpu", threads=2)
+    torch_backend = create_backend(case / "checkpoint.pth", "auto", threads=2)
+    assert torch_backend.name == "torch" and torch_backend.contract.spacing == ort_backend.contract.spacing
+    x = np.load(case / "network_input.npy")[None, :, :64, :64]
+    np.testing.assert_allclose(torch_backend.run(x), ort_backend.run(x), atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["onnx-cuda", "onnx-trt"])
+def test_gpu_backends_match_cpu(name, toy2d, tmp_path):
+    if onnx_backend.PROVIDER_OF[name] not in onnx_backend.available_providers():
+        pytest.skip(
+            f"{name}: this onnxruntime has no {onnx_backend.PROVIDER_OF[name]} (no GPU build installed)"
+        )
+    try:
+        gpu = create_backend(toy2d, name, engine_cache=tmp_path / "trt")
+    except BackendError as exc:
+        pytest.skip(f"{name} cannot run here: {exc}")
+    x = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_allclose(gpu.run(x), create_backend(toy2d, "onnx-cpu").run(x), atol=1e-3)
+
+
+@pytest.mark.trt
+def test_native_tensorrt_matches_cpu(toy2d, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed")
+    try:
+        trt = create_backend(toy2d, "tensorrt", engine_cache=tmp_path)
+    except BackendError as exc:
+        pytest.skip(f"tensorrt cannot run here: {exc}")
+    x = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
+    np.testing.assert_allclose(trt.run(x), create_backend(toy2d, "onnx-cpu").run(x), atol=1e-3)

@@ -1,0 +1,258 @@
+"""TensorRT path: profiles, cache keys, sidecars and the engine cache everywhere; real builds where TensorRT
+and a GPU are present (skipped with the reason otherwise)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from embedseg_deploy import engine_cache as ec
+from embedseg_deploy.contract import Contract
+from embedseg_deploy.engine_cache import EngineCache, EngineError, Profile
+from embedseg_exporters import verify
+from embedseg_exporters.fp16 import convert_to_fp16
+from embedseg_exporters.onnx_export import set_contract
+
+from ._export_models import exported
+from .conftest import UPSTREAM
+
+ENV = {"tensorrt_version": "10.13.3.9", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
+
+
+def _kind(ndim: int) -> str:
+    return f"upstream-{ndim}d" if (UPSTREAM / f"{ndim}d" / "checkpoint.pth").exists() else f"ours-{ndim}d"
+
+
+# ------------------------------------------------------------------------------------------------ no GPU
+
+
+def test_profiles_from_tile_text():
+    p = ec.parse_profile("128x128/256x256/512x512", 2, 1, batch="1/2/4")
+    assert p == Profile((1, 1, 128, 128), (2, 1, 256, 256), (4, 1, 512, 512))
+    assert ec.parse_profile("16x64x64", 3, 2) == Profile(*[(1, 2, 16, 64, 64)] * 3)
+    assert p.contains((3, 1, 200, 512)) and not p.contains((3, 1, 520, 512))
+    for tile, ndim, message in (
+        ("100x100", 2, "multiple of 8"),
+        ("256x256x8", 2, "2D model"),
+        ("512x512/256x256/128x128", 2, "min <= opt <= max"),
+        ("256x256/512x512", 2, "MIN/OPT/MAX"),
+        ("axb", 2, "expected sizes"),
+    ):
+        with pytest.raises(EngineError, match=message):
+            ec.parse_profile(tile, ndim, 1)
+    with pytest.raises(EngineError, match="batch"):
+        ec.parse_profile("64x64", 2, 1, batch="4/2/1")
+
+
+def test_default_profile_from_contract():
+    c = Contract(
+        ndim=3, spacing=[0.02, 0.01, 0.01], tile={"gpu": {"size": [32, 128, 128], "halo": [4, 20, 20]}}
+    )
+    assert ec.default_profile(c) == Profile((1, 1, 8, 8, 8), (1, 1, 32, 128, 128), (1, 1, 40, 168, 168))
+
+
+def test_cache_key_covers_every_component():
+    p = [Profile((1, 1, 8, 8), (1, 1, 64, 64), (1, 1, 64, 64))]
+    base = ec.cache_key("a" * 64, "10.13.3.9", "9.0", "fp16", p)
+    assert base == ec.cache_key("a" * 64, "10.13.3.9", "9.0", "fp16", list(p))
+    others = [
+        ec.cache_key("b" * 64, "10.13.3.9", "9.0", "fp16", p),
+        ec.cache_key("a" * 64, "11.0.0.1", "9.0", "fp16", p),
+        ec.cache_key("a" * 64, "10.13.3.9", "8.6", "fp16", p),
+        ec.cache_key("a" * 64, "10.13.3.9", "9.0", "fp32", p),
+        ec.cache_key("a" * 64, "10.13.3.9", "9.0", "fp16", [Profile(*[(1, 1, 64, 64)] * 3)]),
+    ]
+    assert len({base, *others}) == 6
+
+
+def test_engine_problems_name_version_and_gpu():
+    assert ec.engine_problems(ENV, ENV) == []
+    other = {**ENV, "tensorrt_version": "10.12.0.36", "compute_capability": "8.6", "gpu_name": "RTX 3090"}
+    problems = ec.engine_problems(other, ENV)
+    assert len(problems) == 2 and "TensorRT 10.12.0.36" in problems[0] and "RTX 3090" in problems[1]
+    assert len(ec.engine_problems({**other, "version_compatible": True}, ENV)) == 1
+
+
+def test_onnx_header_without_onnx_and_corrupted_files(tmp_path):
+    path, result = exported("ours-2d")
+    header = ec.read_onnx_header(path)
+    model = onnx.load(str(path))
+    assert header["ir_version"] == model.ir_version and header["opset"] == {"ai.onnx": 17}
+    assert header["metadata"] == {p.key: p.value for p in model.metadata_props}
+    assert ec.onnx_contract(path) == result.contract
+    data = path.read_bytes()
+    for name, content in (("cut.onnx", data[: len(data) // 3]), ("noise.onnx", bytes(range(256)) * 40)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(EngineError, match="not a valid ONNX model"):
+            ec.read_onnx_header(tmp_path / name)
+    bare = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    (tmp_path / "bare.onnx").write_bytes(bare.SerializeToString())
+    with pytest.raises(EngineError, match="no EmbedSeg contract"):
+        ec.onnx_contract(tmp_path / "bare.onnx")
+
+
+def _fp16_copy(path, tmp_path):
+    model = onnx.load(str(path))
+    contract = ec.onnx_contract(path)
+    contract.provenance["export"]["precision"] = "fp16"
+    converted = convert_to_fp16(model)
+    set_contract(converted, contract)
+    out = tmp_path / "model_fp16.onnx"
+    out.write_bytes(converted.SerializeToString())
+    return out
+
+
+def test_precision_comes_from_the_onnx_model(tmp_path):
+    path, result = exported("ours-2d")
+    c = result.contract
+    assert ec.resolve_precision(path, c, None) == "fp32"
+    assert ec.resolve_precision(path, c, "tf32") == "tf32"
+    with pytest.raises(EngineError, match="fp16 engines are built from the fp16 ONNX"):
+        ec.resolve_precision(path, c, "fp16")
+    fp16 = _fp16_copy(path, tmp_path)
+    c16 = ec.onnx_contract(fp16)
+    assert ec.resolve_precision(fp16, c16, None) == "fp16"
+    with pytest.raises(EngineError, match="is an fp16 model"):
+        ec.resolve_precision(fp16, c16, "fp32")
+
+
+def test_engine_cache_builds_once_then_reuses(tmp_path, monkeypatch):
+    path, result = exported("ours-2d")
+    builds = []
+
+    def fake_build(onnx_path, profiles, precision, workspace_bytes=None, timing_cache=None, verbose=False):
+        builds.append((str(onnx_path), precision, [p.to_dict() for p in profiles], str(timing_cache)))
+        facts = {"tensorrt_version": ENV["tensorrt_version"], "precision": precision, "input": "image"}
+        return b"serialized engine", {**facts, "output": "raw", "profiles": [p.to_dict() for p in profiles]}
+
+    env = dict(ENV)
+    monkeypatch.setattr(ec, "local_environment", lambda device_id=0: dict(env))
+    monkeypatch.setattr(ec, "build_engine", fake_build)
+    cache = EngineCache(tmp_path / "cache")
+    static = [ec.parse_profile("64x64", 2, 1)]
+    assert cache.lookup(path, profiles=static) is None
+    first = cache.get(path, profiles=static)
+    assert first.read_bytes() == b"serialized engine" and len(builds) == 1
+    assert first.name.startswith("ours-2d-fp32-sm90-trt10.13.3.9-") and first.suffix == ".engine"
+    assert cache.get(path, profiles=static) == first and cache.lookup(path, profiles=static) == first
+    assert len(builds) == 1  # reused, not rebuilt
+    side = ec.read_sidecar(first)
+    facts = side["engine"]
+    assert facts["onnx_sha256"] == ec.sha256_file(path) and facts["compute_capability"] == "9.0"
+    assert side["contract"]["provenance"]["engine"]["cache_key"] == facts["cache_key"]
+    assert Contract.from_dict(side["contract"]).spacing == result.contract.spacing
+    # a new profile, or a new TensorRT on this machine: another engine
+    cache.get(path)  # the contract's default profile
+    env["tensorrt_version"] = "10.14.1.48"
+    assert cache.lookup(path, profiles=static) is None
+    cache.get(path, profiles=static)
+    assert len(builds) == 3 and len(list((tmp_path / "cache").glob("*.engine"))) == 3
+    assert builds[0][3].endswith("timing-trt10.13.3.9-sm90.cache")
+
+
+def test_engine_and_sidecar_written_together_never_overwritten(tmp_path):
+    _, result = exported("ours-2d")
+    facts = {**ENV, "precision": "fp32", "profiles": [ec.default_profile(result.contract).to_dict()]}
+    engine = tmp_path / "model.engine"
+    ec.write_engine(engine, b"bytes", ec.make_sidecar(result.contract, facts))
+    with pytest.raises(EngineError, match="--force"):
+        ec.write_engine(engine, b"other", ec.make_sidecar(result.contract, facts))
+    assert engine.read_bytes() == b"bytes"
+    doc = json.loads((tmp_path / "model.engine.json").read_text())
+    assert doc["engine"]["engine_sha256"] == hashlib.sha256(b"bytes").hexdigest()
+    assert doc["kind"] == ec.SIDECAR_KIND and ec.read_sidecar(engine) == doc
+    assert Contract.from_dict(doc["contract"]).provenance["engine"] == doc["engine"]
+    assert doc["engine"]["compute_capability"] == "9.0" and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_bad_tile_fails_before_tensorrt_is_needed(tmp_path):
+    from embedseg_exporters.tensorrt_build import build_trt
+
+    path, _ = exported("ours-2d")
+    with pytest.raises(EngineError, match="multiple of 8"):
+        build_trt(path, tmp_path / "m.engine", tiles=["100x100"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_without_tensorrt_the_build_says_so(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("TensorRT is installed: the missing-TensorRT message cannot be checked")
+    from embedseg_exporters.tensorrt_build import build_trt
+
+    path, _ = exported("ours-2d")
+    with pytest.raises(EngineError, match="TensorRT is not installed"):
+        build_trt(path, tmp_path / "m.engine", tiles=["64x64"])
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.fixture(scope="module")
+def trt_env():
+    try:
+        return ec.local_environment()
+    except EngineError as exc:
+        pytest.skip(f"needs TensorRT and a CUDA GPU: {exc}")
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_fp32_engine_2d_verified_against_onnxruntime(trt_env, tmp_path):
+    from embedseg_exporters.tensorrt_build import EngineRunner, build_trt
+
+    kind = _kind(2)
+    path, result = exported(kind)
+    fixture = UPSTREAM / "2d" / "network_input.npy" if kind.startswith("upstream") else None
+    tile = "240x256" if fixture else "128x128"
+    out, sidecar = build_trt(path, tmp_path / "m.engine", tiles=[f"64x64/{tile}/{tile}"], fixture=fixture)
+    assert sidecar["verification"]["passed"] and out.is_file()
+    facts = ec.read_sidecar(out)["engine"]
+    assert facts["tensorrt_version"] == trt_env["tensorrt_version"] and facts["precision"] == "fp32"
+    assert facts["compute_capability"] == trt_env["compute_capability"] and facts["tf32"] is False
+    names = {c["name"] for c in sidecar["verification"]["cases"]}
+    assert {"synthetic", "profile0-min"} <= names
+    runner = EngineRunner(out.read_bytes())
+    x = verify.fixture_tile(result.contract, fixture)[1]
+    errors = verify.output_errors(runner(x), verify.ort_runner(path)(x), result.contract.spacing)
+    assert errors["offset_px"] <= verify.TOLERANCES["engine-fp32"].offset_px
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_3d_engine_with_dynamic_profile_and_fp16(trt_env, tmp_path):
+    from embedseg_exporters.tensorrt_build import build_trt
+
+    path, _ = exported(_kind(3))
+    tiles = ["16x32x32/32x64x64/32x96x96"]
+    _, fp32 = build_trt(path, tmp_path / "m32.engine", tiles=tiles)
+    assert fp32["verification"]["passed"] and len(fp32["verification"]["cases"]) == 3
+    _, fp16 = build_trt(path, tmp_path / "m16.engine", tiles=tiles, precision="fp16")
+    assert fp16["engine"]["precision"] == "fp16" and fp16["verification"]["passed"]
+    assert (tmp_path / "m16.fp16.onnx").is_file()
+    assert fp16["engine"]["onnx_sha256"] == ec.sha256_file(tmp_path / "m16.fp16.onnx")
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_engine_cache_real_build_is_reused(trt_env, tmp_path):
+    from embedseg_exporters.info import describe
+    from embedseg_exporters.tensorrt_build import EngineRunner
+
+    path, _ = exported("ours-2d")
+    cache = EngineCache(tmp_path)
+    profile = [ec.parse_profile("64x64", 2, 1)]
+    first = cache.get(path, profiles=profile)
+    stamp = first.stat().st_mtime_ns
+    assert cache.get(path, profiles=profile) == first and first.stat().st_mtime_ns == stamp
+    assert describe(first)["problems"] == []
+    out = EngineRunner(first.read_bytes())(np.zeros((1, 1, 64, 64), np.float32))
+    assert out.shape == (1, 5, 64, 64) and np.isfinite(out).all()

@@ -1,0 +1,487 @@
+"""Self-describing checkpoints, and import of upstream EmbedSeg checkpoints.
+
+Our checkpoint is one ``torch.save`` file of plain types and tensors, so ``torch.load(weights_only=True)``
+reads it::
+
+    {"format": 1, "model_state_dict": ..., "contract": Contract.to_dict(), "epoch": int | None,
+     "best_iou": float | None, "optimizer_state_dict": ... (resumable 'last' checkpoint only),
+     "scheduler": {...} | None, "log": [row, ...], "versions": {...}}
+
+An upstream EmbedSeg checkpoint (``best_iou_model.pth``/``checkpoint.pth``: ``model_state_dict``, ``epoch``,
+``best_iou``, ``logger_data``, ``optim_state_dict``) carries no contract: :func:`import_upstream` rebuilds one
+from upstream's JSON files (``data_properties.json``, ``normalization.json``, optionally a test config).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from embedseg_deploy.contract import (
+    Contract,
+    ContractError,
+    Normalization,
+    Thresholds,
+    spacing_from_upstream_grid,
+)
+
+from . import __version__
+from .model import BranchedERFNet, build_model
+
+CHECKPOINT_FORMAT = 1
+UPSTREAM_DEFAULT_GRID = 1024  # upstream's create_configs default n_y = n_x when data_properties has none
+PathLike = str | os.PathLike
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not fit the model."""
+
+
+def package_versions() -> dict[str, str]:
+    import numpy
+
+    return {
+        "embedseg_training": __version__,
+        "torch": str(torch.__version__),  # TorchVersion is not weights_only-loadable
+        "numpy": str(numpy.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def sha256_of(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+
+
+def save_checkpoint(
+    path: PathLike,
+    model: torch.nn.Module | Mapping[str, torch.Tensor],
+    contract: Contract,
+    *,
+    epoch: int | None = None,
+    best_iou: float | None = None,
+    optimizer_state_dict: Mapping[str, Any] | None = None,
+    scheduler: Mapping[str, Any] | None = None,
+    log: Sequence[Mapping[str, Any]] = (),
+    versions: Mapping[str, str] | None = None,
+) -> Path:
+    """Write our checkpoint atomically (temp file in the same folder, then ``os.replace``)."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    payload: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "model_state_dict": {k: v.detach().cpu() for k, v in state.items()},
+        "contract": contract.to_dict(),
+        "epoch": None if epoch is None else int(epoch),
+        "best_iou": None if best_iou is None else float(best_iou),
+        "scheduler": None if scheduler is None else dict(scheduler),
+        "log": [dict(row) for row in log],
+        "versions": {str(k): str(v) for k, v in (versions or package_versions()).items()},
+    }
+    if optimizer_state_dict is not None:
+        payload["optimizer_state_dict"] = optimizer_state_dict
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop torch.nn.DataParallel's ``module.`` prefix when every key has it."""
+    if state and all(k.startswith("module.") for k in state):
+        return {k[len("module.") :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _load_error_detail(exc: Exception) -> str:
+    """The informative line of a torch.load error (torch wraps unpickler errors in a long preamble)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    picked = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0] if lines else "")
+    return picked[:300] or type(exc).__name__
+
+
+def checkpoint_layout(ckpt: Mapping[str, Any]) -> str:
+    """``'ours'`` (format + contract) or ``'upstream'`` (an EmbedSeg checkpoint without a contract)."""
+    return "ours" if "contract" in ckpt else "upstream"
+
+
+def load_checkpoint(path: PathLike) -> dict[str, Any]:
+    """Read and validate a checkpoint with ``weights_only=True``: ours, upstream EmbedSeg's, or a bare
+    upstream state dict (returned as ``{"model_state_dict": ...}``). Errors name the file and the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (
+        Exception
+    ) as exc:  # torch.load raises many types on foreign bytes (IndexError, UnpicklingError, ...)
+        raise CheckpointError(
+            f"{path}: not a torch checkpoint readable with weights_only=True ({_load_error_detail(exc)})"
+        ) from None
+    if _is_state_dict(obj) and any(k.split(".", 1)[0] in ("encoder", "module") for k in obj):
+        obj = {"model_state_dict": obj}
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: unknown checkpoint layout (a {type(obj).__name__}, expected a dict)")
+    if not _is_state_dict(obj.get("model_state_dict")):
+        raise CheckpointError(
+            f"{path}: unknown checkpoint layout (keys {sorted(map(str, obj))[:12]}); expected an "
+            "embedseg-deploy checkpoint (format, model_state_dict, contract) or an upstream EmbedSeg one "
+            "(model_state_dict, ...)"
+        )
+    obj["model_state_dict"] = _strip_module_prefix(obj["model_state_dict"])
+    if "contract" in obj:
+        if obj.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{path}: unsupported checkpoint format {obj.get('format')!r} "
+                f"(this version reads {CHECKPOINT_FORMAT})"
+            )
+        try:
+            Contract.from_dict(obj["contract"])
+        except ContractError as exc:
+            raise CheckpointError(f"{path}: bad model contract: {exc}") from None
+    return obj
+
+
+def model_from_state_dict(
+    state: Mapping[str, torch.Tensor], contract: Contract, source: PathLike | str = "checkpoint"
+) -> BranchedERFNet:
+    """Build the contract's network and load ``state`` strictly; mismatches become a CheckpointError."""
+    try:
+        model = build_model(contract)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: {exc}") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        detail = "; ".join(lines[1:4]) if len(lines) > 1 else lines[0] if lines else ""
+        raise CheckpointError(
+            f"{source}: weights do not fit {contract.architecture} "
+            f"({len(lines) - 1} problems: {detail[:600]})"
+        ) from None
+    return model
+
+
+def load_model(
+    path: PathLike,
+    upstream_json_dir: PathLike | None = None,
+    device: str | torch.device = "cpu",
+    **upstream_options,
+) -> tuple[BranchedERFNet, Contract]:
+    """(model in eval mode, Contract) from our checkpoint or an upstream EmbedSeg one.
+
+    For an upstream checkpoint the JSON files (``data_properties.json``, optional ``normalization.json``
+    and ``test_config.json``) are looked up in ``upstream_json_dir``, by default the checkpoint's folder;
+    ``upstream_options`` go to :func:`import_upstream`.
+    """
+    ckpt = load_checkpoint(path)
+    if checkpoint_layout(ckpt) == "ours":
+        contract = Contract.from_dict(ckpt["contract"])
+        state = ckpt["model_state_dict"]
+    else:
+        folder = Path(upstream_json_dir) if upstream_json_dir is not None else Path(path).parent
+        files = upstream_json_files(folder)
+        if files["data_properties_json"] is None:
+            raise CheckpointError(
+                f"{path}: an upstream EmbedSeg checkpoint needs its data_properties.json; none in {folder} "
+                "(pass upstream_json_dir, or convert it once with `embedseg-train import-upstream`)"
+            )
+        state, contract = import_upstream(ckpt, **files, **upstream_options, _source=Path(path))
+    model = model_from_state_dict(state, contract, path)
+    return model.to(device).eval(), contract
+
+
+def upstream_json_files(folder: PathLike) -> dict[str, Path | None]:
+    """The upstream JSON files present in ``folder`` (None where absent)."""
+    folder = Path(folder)
+
+    def pick(name: str) -> Path | None:
+        p = folder / name
+        return p if p.is_file() else None
+
+    return {
+        "data_properties_json": pick("data_properties.json"),
+        "normalization_json": pick("normalization.json"),
+        "test_config": pick("test_config.json"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ upstream
+
+
+def _read_json(path_or_dict: PathLike | Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    if path_or_dict is None:
+        return {}
+    if isinstance(path_or_dict, Mapping):
+        return dict(path_or_dict)
+    path = Path(path_or_dict)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: {what} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: {what} must be a JSON object")
+    return data
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def upstream_normalization(norm: str | None, data_type: str | None) -> Normalization:
+    """Our Normalization for upstream's ``norm`` and ``data_type`` (normalization.json)."""
+    if norm in (None, "min-max-percentile"):
+        return Normalization(kind="percentile", pmin=1.0, pmax=99.8, per_channel=True, clip=False)
+    if norm == "mean-std":
+        return Normalization(kind="mean-std", per_channel=True)
+    if norm == "absolute":
+        divisor = {"8-bit": 255.0, "16-bit": 65535.0}.get(str(data_type))
+        if divisor is None:
+            raise CheckpointError(
+                f"upstream 'absolute' normalisation needs data_type '8-bit' or '16-bit', got {data_type!r}"
+            )
+        return Normalization(kind="absolute", divisor=divisor)
+    raise CheckpointError(f"unknown upstream normalisation {norm!r} (min-max-percentile, mean-std, absolute)")
+
+
+def upstream_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """ndim, input channels and branch sizes read off an upstream BranchedERFNet state dict."""
+    try:
+        first = state["encoder.initial_block.conv.weight"]
+        branches = []
+        while f"decoders.{len(branches)}.output_conv.weight" in state:
+            branches.append(int(state[f"decoders.{len(branches)}.output_conv.weight"].shape[1]))
+    except KeyError:
+        raise CheckpointError(
+            "not a BranchedERFNet state dict (no encoder.initial_block.conv.weight)"
+        ) from None
+    ndim = first.dim() - 2
+    if ndim not in (2, 3):
+        raise CheckpointError(f"initial conv weight of shape {tuple(first.shape)} is neither 2D nor 3D")
+    if branches != [2 * ndim, 1]:
+        raise CheckpointError(
+            f"{ndim}D upstream model with num_classes {branches}: "
+            f"only [{2 * ndim}, 1] (n_sigma = ndim) is supported"
+        )
+    return {
+        "name": "BranchedERFNet" if ndim == 2 else "BranchedERFNet_3d",
+        "num_classes": branches,
+        "input_channels": int(first.shape[1]),
+        "ndim": ndim,
+    }
+
+
+def import_upstream(
+    checkpoint: PathLike | Mapping[str, Any],
+    data_properties_json: PathLike | Mapping[str, Any] | None,
+    normalization_json: PathLike | Mapping[str, Any] | None = None,
+    test_config: PathLike | Mapping[str, Any] | None = None,
+    *,
+    grid: Sequence[float] | None = None,
+    pixel: Sequence[float] | None = None,
+    anisotropy: float | None = None,
+    seed_thresh: float | None = None,
+    fg_thresh: float | None = None,
+    min_object_size: int | None = None,
+    _source: Path | None = None,
+) -> tuple[dict[str, torch.Tensor], Contract]:
+    """(state dict, Contract) for an upstream EmbedSeg checkpoint and its JSON files.
+
+    Precedence for every value: explicit option > test config (upstream's create_test_configs_dict values)
+    > data_properties / normalization.json > upstream defaults. ``grid`` and ``pixel`` are upstream's
+    ``(n_z,) n_y, n_x`` and ``(l_z,) l_y, l_x`` in array order; by default ``l_y = l_x = 1`` and
+    ``l_z = (n_z - 1)/(n_x - 1) * anisotropy``, so the z spacing is ``anisotropy / (n_x - 1)``.
+    """
+    source = _source
+    if isinstance(checkpoint, Mapping):
+        ckpt = dict(checkpoint)
+        if not _is_state_dict(ckpt.get("model_state_dict")):
+            raise CheckpointError("upstream checkpoint has no model_state_dict")
+        ckpt["model_state_dict"] = _strip_module_prefix(ckpt["model_state_dict"])
+    else:
+        source = Path(checkpoint)
+        ckpt = load_checkpoint(source)
+        if checkpoint_layout(ckpt) == "ours":
+            raise CheckpointError(f"{source}: already an embedseg-deploy checkpoint (it has a contract)")
+    state = ckpt["model_state_dict"]
+    where = f"{source}: " if source else ""
+    try:
+        arch = upstream_architecture(state)
+    except CheckpointError as exc:
+        raise CheckpointError(where + str(exc)) from None
+    ndim = arch.pop("ndim")
+    props = _read_json(data_properties_json, "data_properties.json")
+    norm_json = _read_json(normalization_json, "normalization.json")
+    cfg = _read_json(test_config, "test config")
+    notes: list[str] = []
+
+    # anisotropy (z / x voxel size)
+    aniso = 1.0
+    pixel_size = None
+    if ndim == 3:
+        psz = [props.get(f"pixel_size_{a}_microns") for a in "zyx"]
+        if all(isinstance(v, int | float) and v > 0 for v in psz):
+            pixel_size = [float(v) for v in psz]
+        from_props = pixel_size[0] / pixel_size[2] if pixel_size else None
+        aniso = _first(anisotropy, cfg.get("anisotropy_factor"), from_props)
+        if aniso is None:
+            aniso = 1.0
+            notes.append("anisotropy not given: assumed 1.0")
+        aniso = float(aniso)
+
+    # upstream coordinate grid -> spacing
+    keys = ["n_z", "n_y", "n_x"][3 - ndim :]
+    if grid is None:
+        grid = [_first(cfg.get(k), props.get(k)) for k in keys]
+        if ndim == 2 and grid == [None, None]:
+            grid = [UPSTREAM_DEFAULT_GRID] * 2
+            notes.append(
+                f"grid size not in data_properties: upstream default {UPSTREAM_DEFAULT_GRID} assumed"
+            )
+    if len(grid) != ndim or any(g is None or float(g) < 2 for g in grid):
+        raise CheckpointError(f"{where}upstream grid {keys} = {list(grid)} is incomplete; pass grid=...")
+    grid = [float(g) for g in grid]
+    if pixel is None:
+        l_keys = ["l_z", "l_y", "l_x"][3 - ndim :]
+        pixel = [cfg.get(k) for k in l_keys]
+        if pixel[-1] is None:
+            pixel[-1] = 1.0
+        if pixel[-2] is None:
+            pixel[-2] = 1.0
+        if ndim == 3 and pixel[0] is None:
+            pixel[0] = (grid[0] - 1.0) / (grid[2] - 1.0) * aniso
+    pixel = [float(p) for p in pixel]
+    spacing = spacing_from_upstream_grid(ndim, grid, pixel)
+
+    norm_kind = _first(norm_json.get("norm"), cfg.get("norm"))
+    data_type = _first(norm_json.get("data_type"), cfg.get("data_type"), props.get("data_type"))
+    if norm_kind is None:
+        notes.append("normalization.json not given: upstream default min-max-percentile (1, 99.8) assumed")
+    try:
+        normalization = upstream_normalization(norm_kind, data_type)
+    except CheckpointError as exc:
+        raise CheckpointError(where + str(exc)) from None
+
+    mos = _first(min_object_size, cfg.get("min_object_size"), props.get("min_object_size"))
+    if mos is None:
+        mos = Thresholds().min_object_size
+        notes.append(f"min_object_size not given: {mos} assumed")
+    thresholds = Thresholds(
+        seed_thresh=float(_first(seed_thresh, cfg.get("seed_thresh"), 0.9)),
+        fg_thresh=float(_first(fg_thresh, cfg.get("fg_thresh"), 0.5)),
+        min_object_size=int(mos),
+        min_mask_sum=int(cfg.get("min_mask_sum", 0)),
+        min_unclustered_sum=int(cfg.get("min_unclustered_sum", 0)),
+    )
+    provenance = {
+        "source": "upstream EmbedSeg",
+        "source_file": source.name if source else None,
+        "source_sha256": sha256_of(source) if source else None,
+        "upstream_epoch": ckpt.get("epoch"),
+        "upstream_best_iou": ckpt.get("best_iou"),
+        "upstream_grid": grid,
+        "upstream_pixel": pixel,
+        "imported_by": f"embedseg_training {__version__}",
+        "versions": package_versions(),
+        "notes": notes,
+    }
+    try:
+        contract = Contract(
+            ndim=ndim,
+            in_channels=arch["input_channels"],
+            spacing=spacing,
+            normalization=normalization,
+            thresholds=thresholds,
+            anisotropy=aniso,
+            pixel_size=pixel_size,
+            padding="center" if ndim == 2 else "end",
+            architecture=arch,
+            data_properties=props,
+            provenance=provenance,
+        )
+    except ContractError as exc:
+        raise CheckpointError(f"{where}cannot build a contract: {exc}") from None
+    return state, contract
+
+
+def upstream_log_rows(logger_data: Any) -> list[dict[str, Any]]:
+    """Upstream's ``logger_data`` ({'train': [...], 'val': [...], 'iou': [...]}) as our log rows."""
+    if not isinstance(logger_data, Mapping):
+        return []
+    train, val, iou = (list(logger_data.get(k) or []) for k in ("train", "val", "iou"))
+    n = max(len(train), len(val), len(iou))
+    pick = lambda xs, i: float(xs[i]) if i < len(xs) else None  # noqa: E731
+    return [
+        {"epoch": i, "train_loss": pick(train, i), "val_loss": pick(val, i), "val_iou": pick(iou, i)}
+        for i in range(n)
+    ]
+
+
+def convert_upstream(
+    checkpoint: PathLike,
+    out: PathLike,
+    data_properties_json: PathLike | None = None,
+    normalization_json: PathLike | None = None,
+    test_config: PathLike | None = None,
+    **options: Any,
+) -> Contract:
+    """Convert an upstream checkpoint (+ its JSON files, by default from its folder) into our checkpoint
+    file ``out``; the weights are checked against the network before anything is written."""
+    checkpoint = Path(checkpoint)
+    found = upstream_json_files(checkpoint.parent)
+    data_properties_json = data_properties_json or found["data_properties_json"]
+    if data_properties_json is None:
+        raise CheckpointError(f"{checkpoint}: no data_properties.json given or found beside it")
+    normalization_json = normalization_json or found["normalization_json"]
+    test_config = test_config or found["test_config"]
+    ckpt = load_checkpoint(checkpoint)
+    if checkpoint_layout(ckpt) == "ours":
+        raise CheckpointError(f"{checkpoint}: already an embedseg-deploy checkpoint (it has a contract)")
+    state, contract = import_upstream(
+        ckpt, data_properties_json, normalization_json, test_config, **options, _source=checkpoint
+    )
+    model_from_state_dict(
+        state, contract, checkpoint
+    )  # fails here, before writing, if the weights do not fit
+    save_checkpoint(
+        out,
+        state,
+        contract,
+        epoch=ckpt.get("epoch"),
+        best_iou=ckpt.get("best_iou"),
+        log=upstream_log_rows(ckpt.get("logger_data")),
+    )
+    return contract
