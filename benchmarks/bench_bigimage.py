@@ -8,7 +8,8 @@ volumes (a synthetic 3D image tiled to each size) and writes JSON + markdown to 
                                         [--whole] [--threads 2]
 
 Without ``--model`` the upstream 3D fixture checkpoint is exported (needs torch and the exporter tier).
-``--whole`` also measures whole-image mode (the volume in memory at once) for comparison.
+``--whole`` also measures whole-image mode (the volume in memory at once) for comparison, up to
+``--whole-max-mvoxels``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--block", default="64x256x256", help="block core size z x y x x")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--whole", action="store_true", help="also measure whole-image mode")
+    parser.add_argument("--whole-max-mvoxels", type=float, default=20.0, help="largest volume for --whole")
     parser.add_argument("--out", type=Path, default=RESULTS / "bigimage")
     args = parser.parse_args()
 
@@ -102,7 +104,8 @@ def main() -> None:
             shape = tuple(int(s) for s in size.split("x"))
             src = tmp / f"volume-{size}.tif"
             make_volume(shape, src)
-            for mode in ["blocks"] + (["whole"] if args.whole else []):
+            whole = args.whole and np.prod(shape) / 1e6 <= args.whole_max_mvoxels
+            for mode in ["blocks"] + (["whole"] if whole else []):
                 r = measure(model, src, mode, args.threads, args.block)
                 row = {"shape": list(shape), "megavoxels": round(np.prod(shape) / 1e6, 2), "mode": mode, **r}
                 rows.append(row)

@@ -106,7 +106,7 @@ def main() -> None:
                 row["load_first_epoch_s_per_batch"] / row["train_step_s"], 4
             )
             row["load_fraction_cached"] = round(row["load_cached_s_per_batch"] / row["train_step_s"], 4)
-            # CPU seconds resist other jobs on a shared machine; crops run on one thread, the step on `threads`
+            # CPU seconds resist other jobs on a shared machine; crops use one thread, the step `threads`
             cpu_step = row["train_step_cpu_s"] / args.threads
             row["load_fraction_first_epoch_cpu"] = round(
                 row["load_first_epoch_cpu_s_per_batch"] / cpu_step, 4
@@ -135,7 +135,7 @@ def main() -> None:
         f"{args.threads} threads, DataLoader num_workers=0, median of {args.batches} batches, "
         f"load average {meta['load_average_1_5_15']}.",
         "",
-        "Wall: seconds per batch. CPU: load CPU seconds / (step CPU seconds / threads), robust to other jobs.",
+        "Wall: seconds per batch. CPU: load CPU s / (step CPU s / threads), less sensitive to other jobs.",
         "",
         "| case | crop | batch | load 1st epoch (s) | load cached (s) | step (s) | load/step 1st | cached "
         "| CPU: load/step 1st | CPU: cached |",

@@ -122,7 +122,7 @@ def markdown(doc: dict) -> str:
         + ".",
         "",
         "fp16 BranchedERFNet (fp32 I/O) vs the fp32 ONNX model on the upstream fixtures, ONNX Runtime",
-        "CPU with graph optimisation off (every fp16 Cast kept). Errors are the maxima over the fixture tile,",
+        "CPU with graph optimisation off (every fp16 Cast kept). Errors are maxima over the fixture tile,",
         "its three flips and two random tiles: offsets in pixels `|tanh a - tanh b| / spacing`, sigma",
         "relative `|exp(10a) - exp(10b)| / exp(10b)`, seed `|sigmoid a - sigmoid b|`. Labels: the runtime's",
         "clustering of fp16 vs fp32 output on the fixture and its flips, AP@0.5 pooled over the 4 images",
@@ -153,7 +153,7 @@ def main() -> None:
     cases = [run_case(2), run_case(3)]
     doc = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, 2 threads, no GPU",
+        "machine": f"{platform.machine()} Linux, 2 shared CPU cores (torch/ORT 2 threads), no GPU",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -170,7 +170,18 @@ def main() -> None:
     print(f"wrote {args.out / 'fp16_error.json'} and fp16_error.md")
 
 
-DECISION = "(filled in after the first run)"
+DECISION = (
+    "Default `--keep-fp32 heads,bn` (9 nodes: the two output convs and the 7 BatchNormalization nodes that\n"
+    "export leaves unfolded). Every keep set already meets the label goal (AP@0.5 = 1.0 vs fp32 on all 4\n"
+    "images per fixture; the labels differ only in boundary pixels, matched IoU >= 0.998), so the choice\n"
+    "rests on the raw errors: heads+bn halves the 3D sigma error of no-keep (about 2.0 % -> 1.1 %) and\n"
+    "lowers the 2D offset error by about a fifth, for 9 extra casts; `first` (the input convs) adds\n"
+    "little (2D offsets 0.015 -> 0.013 px, 3D nothing) and is left out.\n"
+    "Offsets stay below 0.02 px in every setting, far below the 1-pixel scale that clustering resolves.\n"
+    "Caveat: ONNX Runtime CPU computes fp16 nodes in fp32 between casts (fp32 accumulation); GPU kernels\n"
+    "(TensorRT, CUDA EP) may accumulate in fp16, so `embedseg-export trt` re-verifies every fp16 engine\n"
+    "against ONNX Runtime fp32 on the GPU it was built for."
+)
 
 if __name__ == "__main__":
     main()

@@ -34,8 +34,8 @@ Coordinates: the embedding is ``tanh(o) + p * spacing`` with ``p`` the global pi
 differences of embeddings enter the clustering, so the kernels use ``p - origin`` (the index inside
 ``raw``). That keeps float32 embeddings as precise as upstream's (coordinates below ``shape * spacing``)
 wherever the array sits in a large image, and makes the labels exactly independent of ``origin``; global
-float32 coordinates would lose ~1e-5 px per 1000 px of offset and give origin-dependent borderline
-pixels. ``origin`` only shifts the returned seed positions. ``coords`` gives explicit per-axis coordinate
+float32 coordinates would add a rounding error growing with the offset (~6e-8 px per px: 0.006 px at
+100 000 px) and origin-dependent borderline pixels. ``origin`` only shifts the returned seed positions. ``coords`` gives explicit per-axis coordinate
 vectors instead (upstream's ``torch.linspace`` grid for parity tests).
 """
 
@@ -120,17 +120,27 @@ def _foreground(q: np.ndarray, q_floor: np.float32, fg_thresh: np.float32) -> tu
 
 
 @_jit
-def _embed(raw2: np.ndarray, shape3: np.ndarray, coords: np.ndarray, fg: np.ndarray) -> np.ndarray:
-    """Embeddings ``f32(tanh(o) + coord)`` (N, ndim) of the pixels ``fg``; dim 0 = x."""
+def _embed(raw2: np.ndarray, shape3: np.ndarray, coords: np.ndarray, fg: np.ndarray) -> tuple:
+    """Embeddings ``f32(tanh(o) + coord)`` (N, ndim) of the pixels ``fg`` (dim 0 = x), and per dim the
+    min and max of the finite ones (0 where there are none)."""
     ndim = coords.shape[0]
     emb = np.empty((fg.size, ndim), np.float32)
+    lo = np.full(ndim, np.inf)
+    hi = np.full(ndim, -np.inf)
     for k in range(fg.size):
         p = fg[k]
         idx = (p // (shape3[1] * shape3[2]), (p // shape3[2]) % shape3[1], p % shape3[2])
         for d in range(ndim):
             axis = ndim - 1 - d  # embedding dim d (0 = x) runs along array axis ndim-1-d
-            emb[k, d] = tanh32(raw2[d, p]) + coords[axis, idx[axis + 3 - ndim]]
-    return emb
+            e = tanh32(raw2[d, p]) + coords[axis, idx[axis + 3 - ndim]]
+            emb[k, d] = e
+            if math.isfinite(e):
+                lo[d] = min(lo[d], e)
+                hi[d] = max(hi[d], e)
+    for d in range(ndim):
+        if lo[d] > hi[d]:
+            lo[d] = hi[d] = 0.0
+    return emb, lo, hi
 
 
 @_jit
@@ -173,24 +183,6 @@ def candidate_order(seed: np.ndarray, seed_thresh: float) -> np.ndarray:
             ids[m] = k
             m += 1
     return _radix_order(keys, ids)
-
-
-@_jit
-def _bounds(emb: np.ndarray) -> tuple:
-    """Per-dim min and max of the finite embeddings (0 where there are none)."""
-    ndim = emb.shape[1]
-    lo = np.full(ndim, np.inf)
-    hi = np.full(ndim, -np.inf)
-    for k in range(emb.shape[0]):
-        for d in range(ndim):
-            v = np.float64(emb[k, d])
-            if math.isfinite(v):
-                lo[d] = min(lo[d], v)
-                hi[d] = max(hi[d], v)
-    for d in range(ndim):
-        if lo[d] > hi[d]:
-            lo[d] = hi[d] = 0.0
-    return lo, hi
 
 
 @_jit
@@ -449,10 +441,9 @@ def cluster(
     if fg.size > min_mask_sum:
         shape3 = np.ones(3, np.int64)
         shape3[3 - ndim :] = shape
-        emb = _embed(raw2, shape3, table, fg)
+        emb, lo, hi = _embed(raw2, shape3, table, fg)
         order = candidate_order(seed, float(seed_thresh))
         sample = fg[order[:: max(1, order.size // RADIUS_SAMPLE)]]
-        lo, hi = _bounds(emb)
         inv_h, ncell = grid_geometry(lo, hi, raw2[ndim : 2 * ndim, sample], fg.size)
         emb, flat, rank, start = _bucket(emb, fg, lo, inv_h, ncell)
         seeds = _greedy(

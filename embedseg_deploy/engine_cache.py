@@ -387,7 +387,7 @@ def cache_key(
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _check_profiles(profiles: Sequence[Profile], contract: Contract) -> None:
+def check_profiles(profiles: Sequence[Profile], contract: Contract) -> None:
     if not profiles:
         raise EngineError("at least one optimisation profile is needed")
     for p in profiles:
@@ -443,7 +443,9 @@ def build_engine(
     cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        # a cache from another TensorRT version or GPU: start an empty one (it is rewritten after the build)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -552,7 +554,7 @@ class EngineCache:
         contract = onnx_contract(onnx_path)
         precision = resolve_precision(onnx_path, contract, precision)
         profiles = list(profiles) if profiles else [default_profile(contract)]
-        _check_profiles(profiles, contract)
+        check_profiles(profiles, contract)
         env = dict(env) if env is not None else local_environment(self.device_id)
         digest = sha256_file(onnx_path)
         key = cache_key(digest, env["tensorrt_version"], env["compute_capability"], precision, profiles)

@@ -143,6 +143,8 @@ class Predictor:
         )
         halo_v = _per_axis(halo, c.ndim, "halo")
         self.halo: list[int] = round_up(rec_halo if halo_v is None else halo_v, m)
+        if halo_v is None and self.tile is not None:  # a small tile shrinks the default halo to fit
+            self.halo = [min(h, (t - 1) // 2 // m * m) for h, t in zip(self.halo, self.tile, strict=True)]
         if self.tile is not None and any(t <= 2 * h for t, h in zip(self.tile, self.halo, strict=True)):
             raise ValueError(f"tile {self.tile} must be larger than twice the halo {self.halo}")
         if batch_size < 1:

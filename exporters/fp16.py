@@ -16,7 +16,7 @@ exporter alike:
 
 Default ``heads`` + ``bn`` (9 of ~220 nodes in 2D, ~300 in 3D): on the trained upstream fixtures it
 halves the 3D sigma error (2.0 % -> 1.1 %) and cuts the 2D offset error by a fifth (0.019 -> 0.015 px);
-``first`` adds nothing. Labels agree with fp32 at AP@0.5 = 1.0 for every choice.
+``first`` adds little. Labels agree with fp32 at AP@0.5 = 1.0 for every choice.
 """
 
 from __future__ import annotations

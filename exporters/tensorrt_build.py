@@ -23,9 +23,9 @@ from embedseg_deploy.contract import Contract
 from embedseg_deploy.engine_cache import (
     EngineError,
     Profile,
-    _check_profiles,
     build_engine,
     cache_key,
+    check_profiles,
     default_profile,
     import_tensorrt,
     local_environment,
@@ -134,7 +134,7 @@ class EngineRunner:
             lo, _opt, hi = self.engine.get_tensor_profile_shape(self.input, k)
             if all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
                 if k != self.profile:
-                    self.context.set_optimization_profile_async(k, self.stream)
+                    self.context.set_optimization_profile_async(k, int(self.stream))
                     self.profile = k
                 return
         raise EngineError(f"input shape {shape} lies outside every optimisation profile of the engine")
@@ -204,7 +204,7 @@ def build_trt(
     header = read_onnx_header(onnx_path)
     contract = onnx_contract(onnx_path, header)
     profiles = profiles_from_tiles(contract, tiles, batch)
-    _check_profiles(profiles, contract)
+    check_profiles(profiles, contract)
     model_precision = onnx_precision(contract)
     wanted = precision or model_precision
     build_path = onnx_path

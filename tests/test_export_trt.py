@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -191,6 +192,130 @@ def test_without_tensorrt_the_build_says_so(tmp_path):
     with pytest.raises(EngineError, match="TensorRT is not installed"):
         build_trt(path, tmp_path / "m.engine", tiles=["64x64"])
     assert not list(tmp_path.iterdir())
+
+
+class FakeTensorRT:
+    """The slice of the TensorRT 11 Python API that build_engine uses (no FP16 flag, as in 11.x)."""
+
+    __version__ = "11.0.0.1"
+
+    class Logger:
+        WARNING, VERBOSE = "warning", "verbose"
+
+        def __init__(self, level):
+            self.level = level
+
+    class NetworkDefinitionCreationFlag:
+        STRONGLY_TYPED = 0  # deprecated and ignored in 11.x, required on 10.x
+
+    class BuilderFlag:
+        TF32 = "tf32"
+
+    class MemoryPoolType:
+        WORKSPACE = "workspace"
+
+    def __init__(self, parse_ok=True, build_ok=True):
+        self.calls: list = []
+        self.parse_ok, self.build_ok = parse_ok, build_ok
+        fake = self
+
+        class Tensor:
+            def __init__(self, name):
+                self.name = name
+
+        class Network:
+            num_inputs = num_outputs = 1
+
+            def get_input(self, i):
+                return Tensor("image")
+
+            def get_output(self, i):
+                return Tensor("raw")
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                fake.calls.append(("profile", name, tuple(lo), tuple(opt), tuple(hi)))
+
+        class Cache:
+            def serialize(self):
+                return b"timings"
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("workspace", pool, size))
+
+            def clear_flag(self, flag):
+                fake.calls.append(("clear", flag))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("add_profile",))
+
+            def create_timing_cache(self, data):
+                fake.calls.append(("timing_in", bytes(data)))
+                return Cache()
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                return True
+
+            def get_timing_cache(self):
+                return Cache()
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls.append(("network_flags", flags))
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                return b"plan" if fake.build_ok else None
+
+        class Parser:
+            num_errors = 1
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse", path))
+                return fake.parse_ok
+
+            def get_error(self, i):
+                return "Unsupported ONNX op Foo"
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+def test_build_engine_call_sequence_with_a_fake_tensorrt(tmp_path, monkeypatch):
+    """No TensorRT here: check the builder code path against the documented API shape (TRT 11 flags)."""
+    path, _ = exported("ours-2d")
+    profiles = [ec.parse_profile("64x64/128x128/256x256", 2, 1, batch="1/1/2")]
+    fake = FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"old")
+    plan, facts = ec.build_engine(path, profiles, "fp32", workspace_bytes=2**30, timing_cache=timing)
+    assert plan == b"plan" and timing.read_bytes() == b"timings"
+    assert ("network_flags", 1) in fake.calls and ("clear", "tf32") in fake.calls
+    assert ("profile", "image", (1, 1, 64, 64), (1, 1, 128, 128), (2, 1, 256, 256)) in fake.calls
+    assert ("timing_in", b"old") in fake.calls and ("workspace", "workspace", 2**30) in fake.calls
+    assert facts["tensorrt_version"] == "11.0.0.1" and facts["input"] == "image" and not facts["tf32"]
+    fake.calls.clear()
+    ec.build_engine(path, profiles, "tf32")
+    assert not [c for c in fake.calls if c[0] == "clear"]
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(parse_ok=False))
+    with pytest.raises(EngineError, match="parser failed: Unsupported ONNX op Foo"):
+        ec.build_engine(path, profiles, "fp32")
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT(build_ok=False))
+    with pytest.raises(EngineError, match="failed to build"):
+        ec.build_engine(path, profiles, "fp32")
 
 
 # ------------------------------------------------------------------------------------------------ GPU

@@ -78,8 +78,13 @@ def save_checkpoint(
     scheduler: Mapping[str, Any] | None = None,
     log: Sequence[Mapping[str, Any]] = (),
     versions: Mapping[str, str] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write our checkpoint atomically (temp file in the same folder, then ``os.replace``)."""
+    """Write our checkpoint atomically (temp file in the same folder, then ``os.replace``).
+
+    ``extra`` adds entries (plain types and tensors only, so ``weights_only`` loading works), e.g. the
+    training loop's RNG and grad-scaler state; it cannot replace the standard keys.
+    """
     state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     payload: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
@@ -93,6 +98,10 @@ def save_checkpoint(
     }
     if optimizer_state_dict is not None:
         payload["optimizer_state_dict"] = optimizer_state_dict
+    clash = sorted(set(extra or {}) & {*payload, "optimizer_state_dict"})
+    if clash:
+        raise ValueError(f"extra checkpoint entries {clash} would replace standard keys")
+    payload.update(extra or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -6,12 +6,29 @@ from pathlib import Path
 
 import click
 
+from embedseg_deploy.contract import ContractError
+from embedseg_deploy.io import InputError
+
 from .checkpoint import CheckpointError, convert_upstream
 
+ERRORS = (CheckpointError, ContractError, InputError)
 
-@click.group()
+
+class _TrainByDefault(click.Group):
+    """``embedseg-train DATA_DIR --out RUN`` means ``embedseg-train train DATA_DIR --out RUN``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["train", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_TrainByDefault)
 def main() -> None:
-    """Train EmbedSeg models and convert upstream EmbedSeg checkpoints."""
+    """Train EmbedSeg models and convert upstream EmbedSeg checkpoints.
+
+    Without a command the arguments go to train: embedseg-train DATA_DIR --out RUN_DIR.
+    """
 
 
 def _floats(text: str | None, n: int | None = None) -> list[float] | None:
@@ -73,12 +90,96 @@ def import_upstream_cmd(checkpoint, out, data_properties, normalization, test_co
             fg_thresh=fg_thresh,
             min_object_size=min_object_size,
         )
-    except CheckpointError as exc:
+    except ERRORS as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(
         f"wrote {out}: {contract.ndim}D, {contract.in_channels} channel(s), spacing {contract.spacing}, "
         f"normalization {contract.normalization.kind}, min_object_size {contract.thresholds.min_object_size}"
     )
+
+
+def _ints(text: str | None) -> list[int] | None:
+    values = _floats(text)
+    if values is None:
+        return None
+    if any(v != int(v) for v in values):
+        raise click.BadParameter(f"expected whole numbers, got {text!r}")
+    return [int(v) for v in values]
+
+
+@main.command("train")
+@click.argument("data_dir", required=False, type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: config.json, best.pth, last.pth, log.csv, loss.png.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A run's config.json; options given here override its values.",
+)
+@click.option("--ndim", type=click.IntRange(2, 3), help="2 or 3 (default: from the masks).")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs [200].")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Crops per batch [2D 16, 3D 4].")
+@click.option("--crop-size", help="Crop in array order, e.g. 96 or 32,128,128 [data properties].")
+@click.option("--iterations", type=click.IntRange(min=1), help="Batches per epoch [objects / batch].")
+@click.option("--val-crops", type=click.IntRange(min=1), help="Validation crops [one per val object].")
+@click.option("--lr", type=float, help="Adam learning rate [5e-4], poly schedule over the epochs.")
+@click.option("--device", help="auto, cpu, cuda or cuda:N [auto].")
+@click.option("--workers", type=click.IntRange(min=0), help="DataLoader workers [0 on CPU, 4 on CUDA].")
+@click.option("--threads", type=click.IntRange(min=1), help="torch CPU threads [torch default].")
+@click.option("--seed", type=int, help="Seed of model init and crop sampling [0].")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA [on].")
+@click.option("--center", type=click.Choice(["medoid", "approximate-medoid", "centroid"]), help="[medoid]")
+@click.option(
+    "--norm",
+    type=click.Choice(["percentile", "absolute", "mean-std", "none"]),
+    help="Image normalisation [percentile 1-99.8].",
+)
+@click.option("--pmin", type=float, help="Lower percentile [1].")
+@click.option("--pmax", type=float, help="Upper percentile [99.8].")
+@click.option("--divisor", type=float, help="Divisor of 'absolute' normalisation (255, 65535).")
+@click.option("--anisotropy", type=float, help="z/x voxel size (3D) [from the files, else 1].")
+@click.option("--pixel-size", help="Pixel size in array order, e.g. 2,0.5,0.5 [from the files].")
+@click.option("--foreground-weight", type=float, help="[2D 10, 3D #bg/#fg]")
+@click.option("--spacing", type=float, help="Embedding units per y/x pixel [1/(max(1024, image) - 1)].")
+@click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")
+def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pmax, divisor, resume, quiet,
+              **options) -> None:  # fmt: skip
+    """Train a BranchedERFNet on DATA_DIR/{train,val}/{images,masks}/*.tif."""
+    from .train import TrainConfig, TrainError, train
+
+    try:
+        settings = TrainConfig.from_json_file(config_file) if config_file else {}
+    except TrainError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings.update({k: v for k, v in options.items() if v is not None})
+    if data_dir is not None:
+        settings["data_dir"] = str(data_dir)
+    if out is not None:
+        settings["out"] = str(out)
+    if crop_size is not None:
+        settings["crop_size"] = _ints(crop_size)
+    if pixel_size is not None:
+        settings["pixel_size"] = _floats(pixel_size)
+    norm_options = {"kind": norm, "pmin": pmin, "pmax": pmax, "divisor": divisor}
+    if any(v is not None for v in norm_options.values()):
+        settings["normalization"] = {
+            **settings.get("normalization", {}),
+            **{k: v for k, v in norm_options.items() if v is not None},
+        }
+    if not settings.get("data_dir") or not settings.get("out"):
+        raise click.UsageError("give DATA_DIR and --out RUN_DIR (or a --config that has them)")
+    try:
+        result = train(TrainConfig.from_dict(settings), progress=not quiet, resume=resume)
+    except (*ERRORS, TrainError) as exc:
+        raise click.ClickException(str(exc)) from None
+    best = f"{result.best_checkpoint} (epoch {result.best_epoch}, val IoU {result.best_iou:.4f})"
+    click.echo(f"done: {result.epochs_done} epoch(s) logged in {result.run_dir}; best {best}")
 
 
 if __name__ == "__main__":

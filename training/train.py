@@ -35,20 +35,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 import torch
 
 from embedseg_deploy.contract import Contract, Normalization, Thresholds
-from embedseg_deploy.io import InputError
 
 from . import __version__
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
 from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
 from .loss import spatial_embedding_loss
-from .model import TILE_MULTIPLE, BranchedERFNet, architecture_of
+from .model import TILE_MULTIPLE, BranchedERFNet
 
 BEST, LAST, CONFIG, LOG_CSV, PLOT = "best.pth", "last.pth", "config.json", "log.csv", "loss.png"
-LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "lr", "crops_per_s", "data_time_fraction", "time_s")
+LOG_FIELDS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_iou",
+    "lr",
+    "crops_per_s",
+    "data_time_fraction",
+    "time_s",
+)
 POLY_POWER = 0.9
 UPSTREAM_GRID = 1024
 
@@ -154,7 +163,7 @@ def resolve_device(name: str) -> torch.device:
 
 def default_spacing(max_image_shape: Sequence[int]) -> float:
     """Upstream's default grid: ``1 / (max(1024, n) - 1)`` with n the largest y/x size rounded up to 8."""
-    n = max(round_up_8(max(max_image_shape[-2:]) + 7 - 7), UPSTREAM_GRID)
+    n = max(round_up_8(max(max_image_shape[-2:])), UPSTREAM_GRID)
     return 1.0 / (n - 1)
 
 
@@ -214,8 +223,6 @@ class _Progress:
         self.text = ""
         self.bar = None
         if enabled:
-            import click
-
             self.bar = click.progressbar(
                 length=length, label=label, file=sys.stderr, item_show_func=lambda _: self.text
             )
@@ -249,7 +256,9 @@ def _resolve(config: TrainConfig) -> _Setup:
         raise TrainError(f"epochs must be >= 1, got {config.epochs}")
     data_dir = Path(config.data_dir)
     if not data_dir.is_dir():
-        raise TrainError(f"{data_dir}: data folder not found (expected train/ and val/ with images/ + masks/)")
+        raise TrainError(
+            f"{data_dir}: data folder not found (expected train/ and val/ with images/ + masks/)"
+        )
     train = load_split(data_dir, "train", ndim=config.ndim)
     val = load_split(data_dir, "val", ndim=train[0].ndim, in_channels=train[0].in_channels)
     props = compute_properties(
@@ -260,7 +269,8 @@ def _resolve(config: TrainConfig) -> _Setup:
         foreground_weight=config.foreground_weight,
     )
     ndim = props.ndim
-    crop = list(config.crop_size) if config.crop_size is not None else list(props.crop_size)
+    crop = config.crop_size if config.crop_size is not None else props.crop_size
+    crop = [int(crop)] if isinstance(crop, int | float) else [int(c) for c in crop]
     if len(crop) == 1:
         crop = crop * ndim
     if len(crop) != ndim or any(c < TILE_MULTIPLE or c % TILE_MULTIPLE for c in crop):
@@ -288,12 +298,12 @@ def _resolve(config: TrainConfig) -> _Setup:
         spacing=spacing_yx,
         data_dir=str(data_dir),
     )
-    train_ds = CropDataset(train, crop, norm=norm, center=config.center, augment=True, seed=config.seed,
-                           anisotropy=props.anisotropy, length=resolved.iterations * batch, sampling="random")  # fmt: skip
-    val_ds = CropDataset(val, crop, norm=norm, center=config.center, augment=False, seed=config.seed,
-                         anisotropy=props.anisotropy, sampling="all")  # fmt: skip
-    if config.val_crops:
-        val_ds.length = min(val_ds.length, int(config.val_crops))
+    common = {"norm": norm, "center": config.center, "seed": config.seed, "anisotropy": props.anisotropy}
+    length = resolved.iterations * batch
+    train_ds = CropDataset(train, crop, augment=True, length=length, sampling="random", **common)
+    n_val = sum(s.n_objects for s in val)
+    val_length = min(n_val, int(config.val_crops)) if config.val_crops else None
+    val_ds = CropDataset(val, crop, augment=False, sampling="all", length=val_length, **common)
     contract = Contract(
         ndim=ndim,
         in_channels=props.in_channels,
@@ -304,14 +314,208 @@ def _resolve(config: TrainConfig) -> _Setup:
         ),
         anisotropy=props.anisotropy,
         pixel_size=props.pixel_size,
-        padding="center" if ndim == 2 else "end",
-        architecture=architecture_of(BranchedERFNet(ndim, props.in_channels)) if False else {},
+        padding="center" if ndim == 2 else "end",  # upstream's placements, kept for one convention
+        architecture={
+            "name": "BranchedERFNet" if ndim == 2 else "BranchedERFNet_3d",
+            "num_classes": [2 * ndim, 1],
+            "input_channels": props.in_channels,
+        },
         data_properties=props.to_dict(),
         provenance={"source": "embedseg_training", "trainer": f"embedseg_training {__version__}"},
     )
-    contract.architecture = {
-        "name": "BranchedERFNet" if ndim == 2 else "BranchedERFNet_3d",
-        "num_classes": [2 * ndim, 1],
-        "input_channels": props.in_channels,
-    }
     return _Setup(resolved, contract, train_ds, val_ds, device)
+
+
+# ------------------------------------------------------------------------------------------------ epochs
+
+
+def _batch_to(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(batch[k].to(device, non_blocking=True) for k in ("image", "instance", "center"))
+
+
+def _train_epoch(model, loader, opt, scaler, contract, fg_weight, device, use_amp, bar) -> dict[str, float]:
+    model.train()
+    losses, n_crops, data_time = [], 0, 0.0
+    start = time.perf_counter()
+    batches = iter(loader)
+    while True:
+        t = time.perf_counter()
+        batch = next(batches, None)
+        data_time += time.perf_counter() - t
+        if batch is None:
+            break
+        image, instance, center = _batch_to(batch, device)
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            pred = model(image)
+        res = spatial_embedding_loss(pred, instance, center, contract.spacing, fg_weight)
+        scaler.scale(res.loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(res.loss.item())
+        n_crops += image.shape[0]
+        bar.update(f"loss {np.mean(losses):.4f}  {n_crops / (time.perf_counter() - start):.1f} crops/s")
+    elapsed = max(time.perf_counter() - start, 1e-9)
+    return {
+        "train_loss": float(np.mean(losses)) if losses else float("nan"),
+        "crops_per_s": n_crops / elapsed,
+        "data_time_fraction": data_time / elapsed,
+    }
+
+
+@torch.no_grad()
+def _validate(model, loader, contract, fg_weight, device, use_amp) -> tuple[float, float]:
+    """(val loss, mean per-object IoU(phi > 0.5)) as upstream's val pass computes them."""
+    model.eval()
+    loss_sum, n, ious = 0.0, 0, []
+    for batch in loader:
+        image, instance, center = _batch_to(batch, device)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            pred = model(image)
+        res = spatial_embedding_loss(pred, instance, center, contract.spacing, fg_weight, compute_iou=True)
+        loss_sum += res.loss.item() * image.shape[0]
+        n += image.shape[0]
+        ious.append(res.ious.cpu())
+    all_ious = torch.cat(ious) if ious else torch.zeros(0)
+    return loss_sum / max(n, 1), float(all_ious.mean()) if all_ious.numel() else 0.0
+
+
+def _loader(ds: CropDataset, batch: int, drop_last: bool, workers: int, device: torch.device):
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch,
+        shuffle=False,  # the dataset draws its own (seeded) objects
+        drop_last=drop_last,
+        num_workers=workers,
+        worker_init_fn=worker_init_fn if workers else None,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _restore(path: Path, model, opt, scaler, contract: Contract) -> dict[str, Any]:
+    """Load a 'last' checkpoint into model, optimiser and scaler; returns it (epoch, log, best ...)."""
+    if not path.is_file():
+        raise TrainError(f"{path}: nothing to resume (no last checkpoint)")
+    ck = load_checkpoint(path)
+    if "optimizer_state_dict" not in ck or "contract" not in ck:
+        raise TrainError(f"{path}: not a resumable checkpoint of ours (no optimiser state)")
+    saved = Contract.from_dict(ck["contract"])
+    for key in ("ndim", "in_channels", "spacing", "normalization"):
+        if getattr(saved, key) != getattr(contract, key):
+            raise TrainError(
+                f"{path}: the run was trained with {key} = {getattr(saved, key)}, these settings give "
+                f"{getattr(contract, key)}; resume with the run's config.json (--config)"
+            )
+    model.load_state_dict(ck["model_state_dict"], strict=True)
+    opt.load_state_dict(ck["optimizer_state_dict"])
+    if ck.get("grad_scaler") and scaler.is_enabled():
+        scaler.load_state_dict(ck["grad_scaler"])
+    if isinstance(ck.get("rng_state"), torch.Tensor):
+        torch.set_rng_state(ck["rng_state"])
+    if ck.get("cuda_rng_state") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ck["cuda_rng_state"])
+    return ck
+
+
+def train(
+    config: TrainConfig | Mapping[str, Any], progress: bool = True, resume: bool | str | os.PathLike = False
+) -> RunResult:
+    """Train a model as ``config`` says; ``resume`` continues from ``out/last.pth`` (or a given path).
+
+    Writes ``config.json`` (resolved settings), ``best.pth``, ``last.pth``, ``log.csv`` and ``loss.png``
+    into ``config.out``.
+    """
+    cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    setup = _resolve(cfg)
+    cfg, contract, device = setup.config, setup.contract, setup.device
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / CONFIG, cfg.to_json() + "\n")
+    use_amp = bool(cfg.amp and device.type == "cuda")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    torch.manual_seed(cfg.seed)
+    model = BranchedERFNet(contract.ndim, contract.in_channels)
+    model.init_output(contract.ndim)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    start, best_iou, best_epoch, log = 0, -math.inf, None, []
+    if resume:
+        ck = _restore(run_dir / LAST if resume is True else Path(resume), model, opt, scaler, contract)
+        start, best_iou, log = int(ck["epoch"]) + 1, float(ck["best_iou"]), list(ck["log"])
+        best_epoch = ck.get("best_epoch")
+
+    fg_weight = float(cfg.foreground_weight)
+    train_loader = _loader(setup.train_ds, cfg.batch_size, True, cfg.workers, device)
+    val_loader = _loader(setup.val_ds, cfg.batch_size, False, cfg.workers, device)
+    provenance = {**contract.provenance, "config": cfg.to_dict(), "versions": package_versions()}
+    for epoch in range(start, cfg.epochs):
+        lr = poly_lr(cfg.lr, epoch, cfg.epochs)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        setup.train_ds.set_epoch(epoch)
+        t_epoch = time.perf_counter()
+        bar = _Progress(progress, len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}")
+        try:
+            stats = _train_epoch(model, train_loader, opt, scaler, contract, fg_weight, device, use_amp, bar)
+        finally:
+            bar.close()
+        val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
+        row = {"epoch": epoch, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
+        row["time_s"] = time.perf_counter() - t_epoch
+        log.append(row)
+        improved = val_iou > best_iou
+        if improved:
+            best_iou, best_epoch = val_iou, epoch
+        contract.provenance = {**provenance, "epoch": epoch, "val_iou": val_iou}
+        schedule = {"kind": "poly", "power": POLY_POWER, "base_lr": cfg.lr, "n_epochs": cfg.epochs}
+        common = {
+            "epoch": epoch,
+            "best_iou": best_iou,
+            "log": log,
+            "scheduler": {**schedule, "last_epoch": epoch},
+        }
+        if improved:
+            save_checkpoint(run_dir / BEST, model, contract, **common, extra={"best_epoch": best_epoch})
+        save_checkpoint(
+            run_dir / LAST,
+            model,
+            contract,
+            **common,
+            optimizer_state_dict=opt.state_dict(),
+            extra={
+                "best_epoch": best_epoch,
+                "grad_scaler": scaler.state_dict() if use_amp else None,
+                "rng_state": torch.get_rng_state(),
+                "cuda_rng_state": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+            },
+        )
+        write_log_csv(run_dir / LOG_CSV, log)
+        write_plot(run_dir / PLOT, log)
+        if progress:
+            click.echo(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
+                f"val loss {val_loss:.4f}, val IoU {val_iou:.4f}{' (best)' if improved else ''}, "
+                f"lr {lr:.2e}, {row['crops_per_s']:.1f} crops/s, data {100 * row['data_time_fraction']:.0f}%",
+                err=True,
+            )
+    best = run_dir / BEST
+    return RunResult(
+        run_dir=run_dir,
+        best_checkpoint=best if best.is_file() else None,
+        last_checkpoint=run_dir / LAST,
+        best_iou=best_iou,
+        best_epoch=best_epoch,
+        epochs_done=len(log),
+        log=log,
+        config=cfg,
+        contract=contract,
+    )

@@ -1,0 +1,175 @@
+"""The training loop: tiny 2D/3D runs, checkpoints with a full contract, resume, seeds, config, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from embedseg_deploy.contract import Contract
+from embedseg_deploy.synthetic import write_dataset
+from embedseg_training.checkpoint import load_checkpoint, load_model
+from embedseg_training.cli import main
+from embedseg_training.train import TrainConfig, TrainError, poly_lr, train
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: 2 threads spin-wait against other processes on the shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data2d(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data2d")
+    return write_dataset(root, ndim=2, n_train=2, n_val=1, n_test=0, shape=(64, 64), n_objects=(4, 6), seed=0)
+
+
+@pytest.fixture(scope="module")
+def data3d(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data3d")
+    return write_dataset(root, ndim=3, n_train=2, n_val=1, n_test=0, shape=(16, 40, 40), n_objects=(3, 4),
+                         radius=(4.0, 6.0), anisotropy=2.0, seed=1)  # fmt: skip
+
+
+def _tiny(data, out, **kw) -> TrainConfig:
+    settings = dict(data_dir=str(data), out=str(out), epochs=2, batch_size=2, iterations=2, val_crops=4)
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def test_tiny_2d_run_writes_checkpoints_with_a_full_contract(data2d, tmp_path):
+    result = train(_tiny(data2d, tmp_path / "run", crop_size=[32, 32]), progress=False)
+    assert result.epochs_done == 2 and [r["epoch"] for r in result.log] == [0, 1]
+    model, contract = load_model(result.best_checkpoint)
+    assert not model.training and contract.ndim == 2 and contract.in_channels == 1
+    assert contract.spacing == pytest.approx([1 / 1023, 1 / 1023])  # upstream's default grid
+    assert contract.normalization.kind == "percentile" and contract.padding == "center"
+    assert contract.thresholds.min_object_size == contract.data_properties["min_object_size"] > 0
+    assert contract.provenance["config"]["crop_size"] == [32, 32]
+    last = load_checkpoint(result.last_checkpoint)
+    assert (
+        last["epoch"] == 1
+        and "optimizer_state_dict" in last
+        and "optimizer_state_dict" not in load_checkpoint(result.best_checkpoint)
+    )
+    assert last["scheduler"]["n_epochs"] == 2 and last["best_iou"] == max(r["val_iou"] for r in result.log)
+    # lr follows the poly schedule over the real number of epochs
+    assert [r["lr"] for r in result.log] == pytest.approx([poly_lr(5e-4, e, 2) for e in (0, 1)])
+    assert poly_lr(5e-4, 1, 2) == pytest.approx(5e-4 * 0.5**0.9)
+    with open(result.run_dir / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and set(rows[0]) >= {"train_loss", "val_loss", "val_iou", "lr", "crops_per_s"}
+    assert 0 <= float(rows[0]["data_time_fraction"]) <= 1 and float(rows[0]["crops_per_s"]) > 0
+    assert (result.run_dir / "loss.png").stat().st_size > 1000
+    # the model computes: an eval forward pass on a crop-sized input gives the contract's channels
+    with torch.no_grad():
+        assert model(torch.zeros(1, 1, 32, 32)).shape == (1, contract.out_channels, 32, 32)
+
+
+def test_tiny_3d_run(data3d, tmp_path):
+    result = train(_tiny(data3d, tmp_path / "run3", epochs=1, crop_size=[8, 24, 24]), progress=False)
+    _, contract = load_model(result.last_checkpoint)
+    assert contract.ndim == 3 and contract.padding == "end" and contract.anisotropy == pytest.approx(2.0)
+    assert contract.pixel_size == pytest.approx([2.0, 1.0, 1.0])
+    s = contract.spacing
+    assert s[1] == s[2] == pytest.approx(1 / 1023) and s[0] == pytest.approx(2 / 1023)  # isotropic embedding
+    assert contract.data_properties["foreground_weight"] > 1  # 3D: #bg / #fg
+    assert result.log[0]["val_iou"] >= 0 and result.best_checkpoint is not None
+
+
+def test_resume_continues_exactly_and_seeds_reproduce(data2d, tmp_path):
+    straight = train(_tiny(data2d, tmp_path / "a", crop_size=[32, 32]), progress=False)
+    first = train(_tiny(data2d, tmp_path / "b", epochs=1, crop_size=[32, 32]), progress=False)
+    # same seed: same first-epoch losses
+    assert first.log[0]["train_loss"] == straight.log[0]["train_loss"]
+    assert first.log[0]["val_loss"] == straight.log[0]["val_loss"]
+    resumed = train(_tiny(data2d, tmp_path / "b", crop_size=[32, 32]), progress=False, resume=True)
+    assert [r["epoch"] for r in resumed.log] == [0, 1] and resumed.log[0] == first.log[0]
+    assert resumed.log[1]["train_loss"] == straight.log[1]["train_loss"]
+    a, b = load_checkpoint(straight.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
+    for k, v in a["model_state_dict"].items():
+        assert torch.equal(v, b["model_state_dict"][k]), k
+    sa, sb = a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    assert int(sa[0]["step"]) == 4  # two epochs of two iterations
+    # another seed draws other crops and weights
+    other = train(_tiny(data2d, tmp_path / "c", epochs=1, crop_size=[32, 32], seed=7), progress=False)
+    assert other.log[0]["train_loss"] != straight.log[0]["train_loss"]
+
+
+def test_resume_refuses_other_settings_and_missing_runs(data2d, tmp_path):
+    with pytest.raises(TrainError, match="nothing to resume"):
+        train(_tiny(data2d, tmp_path / "none", crop_size=[32, 32]), progress=False, resume=True)
+    train(_tiny(data2d, tmp_path / "r", epochs=1, crop_size=[32, 32]), progress=False)
+    with pytest.raises(TrainError, match="spacing"):
+        train(_tiny(data2d, tmp_path / "r", crop_size=[32, 32], spacing=0.01), progress=False, resume=True)
+
+
+def test_defaults_from_the_data_and_workers_do_not_change_losses(data2d, tmp_path):
+    # no crop size, iterations or val crops given: data properties' crop, one pass over all objects
+    cfg = TrainConfig(data_dir=str(data2d), out=str(tmp_path / "d"), epochs=1, batch_size=4, workers=2)
+    result = train(cfg, progress=False)
+    saved = json.loads((tmp_path / "d" / "config.json").read_text())
+    props = load_checkpoint(result.last_checkpoint)["contract"]["data_properties"]
+    n_train = sum(len(set(torch.unique(torch.from_numpy(m)).tolist()) - {0}) for m in _masks(data2d, "train"))
+    assert saved["crop_size"] == props["crop_size"] and saved["iterations"] == -(-n_train // 4)
+    assert saved["workers"] == 2 and saved["val_crops"] is None
+    single = train({**saved, "out": str(tmp_path / "e"), "workers": 0}, progress=False)
+    assert single.log[0]["train_loss"] == result.log[0]["train_loss"]
+    assert single.log[0]["val_iou"] == result.log[0]["val_iou"]
+
+
+def _masks(root, split):
+    import tifffile
+
+    return [tifffile.imread(p) for p in sorted((root / split / "masks").glob("*.tif"))]
+
+
+def test_config_round_trip_and_bad_settings(data2d, tmp_path):
+    cfg = _tiny(data2d, tmp_path / "x", crop_size=[32, 32])
+    assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(TrainError, match="unknown training settings"):
+        TrainConfig.from_dict({**cfg.to_dict(), "learning_rate": 1})
+    with pytest.raises(TrainError, match="multiple of 8"):
+        train(_tiny(data2d, tmp_path / "y", crop_size=[30, 30]), progress=False)
+    with pytest.raises(TrainError, match="data folder not found"):
+        train(_tiny(tmp_path / "nowhere", tmp_path / "z"), progress=False)
+
+
+def test_cli_train_and_config_round_trip(data2d, tmp_path):
+    run1, run2 = tmp_path / "cli1", tmp_path / "cli2"
+    args = [
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--iterations",
+        "1",
+        "--val-crops",
+        "2",
+        "--crop-size",
+        "32",
+    ]
+    res = CliRunner().invoke(main, [str(data2d), "--out", str(run1), *args, "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert "epoch 1/1" in res.output and "best" in res.output
+    saved = json.loads((run1 / "config.json").read_text())
+    assert saved["seed"] == 3 and saved["crop_size"] == [32, 32] and saved["iterations"] == 1
+    # the written config is accepted again; options given on the command line win
+    res = CliRunner().invoke(main, ["train", "--config", str(run1 / "config.json"), "--out", str(run2), "-q"])
+    assert res.exit_code == 0, res.output
+    again = json.loads((run2 / "config.json").read_text())
+    assert {**again, "out": None} == {**saved, "out": None}
+    assert Contract.from_dict(load_checkpoint(run2 / "last.pth")["contract"]).ndim == 2
+    log1 = (run1 / "log.csv").read_text().splitlines()[1].split(",")
+    log2 = (run2 / "log.csv").read_text().splitlines()[1].split(",")
+    assert log1[1] == log2[1]  # same settings, same seed: same train loss
+    res = CliRunner().invoke(main, [str(tmp_path / "missing"), "--out", str(run2), "-q"])
+    assert res.exit_code != 0 and "data folder not found" in res.output
