@@ -1,6 +1,7 @@
 """Forward+backward time of the spatial-embedding loss vs BranchedERFNet on CPU batches.
 
-Crops are packed with random discs/balls (DSB-like density), one centre pixel each. Usage:
+Crops are densely packed with random discs/balls (denser than DSB), one centre pixel each; the
+prediction is the freshly initialised network's output. Usage:
 ``python benchmarks/bench_loss.py [--threads 2] [--out benchmarks/results]``.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -36,7 +38,8 @@ def packed_crops(ndim: int, shape: tuple[int, ...], batch: int, radius: float, s
                 continue
             n += 1
             inst[b][m] = n
-            cen[(b, *np.round(c).clip(0, np.array(shape) - 1).astype(int))] = m[tuple(np.round(c).clip(0, np.array(shape) - 1).astype(int))]
+            p = tuple(np.clip(np.round(c).astype(int), 0, np.array(shape) - 1))
+            cen[(b, *p)] = m[p]  # a centre pixel where the disc's centre lies inside it
     return torch.from_numpy(inst), torch.from_numpy(cen)
 
 
@@ -83,13 +86,22 @@ def main() -> None:
 
         t_net, t_loss = best_time(net, args.reps), best_time(loss, args.reps)
         n_obj = int(sum(len(torch.unique(i)) - 1 for i in inst))
-        rows.append({"case": name, "shape": list(shape), "batch": batch, "objects": n_obj,
-                     "network_s": round(t_net, 4), "loss_s": round(t_loss, 4),
-                     "loss_over_network": round(t_loss / t_net, 3)})  # fmt: skip
+        rows.append(
+            {
+                "case": name,
+                "shape": list(shape),
+                "batch": batch,
+                "objects": n_obj,
+                "network_s": round(t_net, 4),
+                "loss_s": round(t_loss, 4),
+                "loss_over_network": round(t_loss / t_net, 3),
+            }
+        )
         print(rows[-1])
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s)",
+        "load_average": os.getloadavg(),
         "versions": {"torch": str(torch.__version__), "python": platform.python_version()},
         "what": "forward+backward, best of reps; network on random input, loss on the network's output",
     }
@@ -97,7 +109,7 @@ def main() -> None:
     (args.out / "loss_vs_network.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [
         f"# Loss vs network, forward+backward (CPU)\n\n{meta['date']}, {meta['machine']}, torch "
-        f"{meta['versions']['torch']}. {meta['what']}.\n",
+        f"{meta['versions']['torch']}, load average {meta['load_average']}. {meta['what']}.\n",
         "| case | crop | batch | objects | network s | loss s | loss/network |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -121,7 +121,8 @@ def test_defaults_from_the_data_and_workers_do_not_change_losses(data2d, tmp_pat
     n_train = sum(len(set(torch.unique(torch.from_numpy(m)).tolist()) - {0}) for m in _masks(data2d, "train"))
     assert saved["crop_size"] == props["crop_size"] and saved["iterations"] == -(-n_train // 4)
     assert saved["workers"] == 2 and saved["val_crops"] is None
-    single = train({**saved, "out": str(tmp_path / "e"), "workers": 0}, progress=False)
+    (tmp_path / "e.json").write_text(json.dumps({**saved, "out": str(tmp_path / "e"), "workers": 0}))
+    single = train(tmp_path / "e.json", progress=False)  # a config file works as the API's argument too
     assert single.log[0]["train_loss"] == result.log[0]["train_loss"]
     assert single.log[0]["val_iou"] == result.log[0]["val_iou"]
 

@@ -7,7 +7,8 @@ around one object on the fly.
 
 Differences from upstream EmbedSeg, on purpose:
 
-* images and masks pair by file name (stem), not by sorted order, and every unpaired file is reported;
+* images and masks pair by file name (:func:`embedseg_deploy.io.tiff_stem`), not by sorted order, and
+  every unpaired file is reported;
 * an image smaller than the crop is padded (image: the mean normalised background intensity per channel,
   mask: 0) instead of silently dropping its objects; reflection would show unlabelled copies of objects;
 * holes are filled only where the mask is background (upstream's fill_label_holes also overwrites an
@@ -33,13 +34,12 @@ import torch
 from scipy import ndimage
 
 from embedseg_deploy.contract import Normalization
-from embedseg_deploy.io import DEFAULT_MAX_BYTES, InputError, read_tiff, to_channels_first
+from embedseg_deploy.io import DEFAULT_MAX_BYTES, InputError, read_tiff, tiff_files, to_channels_first
 from embedseg_deploy.normalize import normalize
 
 from .centres import CENTRE_METHODS, object_centre
 
 SPLITS = ("train", "val", "test")
-TIFF_SUFFIXES = (".tif", ".tiff")
 SAMPLING_MODES = ("random", "all")
 
 
@@ -80,17 +80,6 @@ class Sample:
         return 0 if self.mask is None else int(self.mask.max(initial=0))
 
 
-def _tiffs(folder: Path) -> dict[str, Path]:
-    files: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in TIFF_SUFFIXES:
-            continue
-        if p.stem in files:
-            raise InputError(f"{p}: same name as {files[p.stem]} (one file per name, please)")
-        files[p.stem] = p
-    return files
-
-
 def discover_split(
     root: str | os.PathLike, split: str, require_masks: bool | None = None
 ) -> list[tuple[str, Path, Path | None]]:
@@ -113,10 +102,10 @@ def discover_split(
     images_dir, masks_dir = split_dir / "images", split_dir / "masks"
     if not images_dir.is_dir():
         raise InputError(f"{images_dir}: missing images folder")
-    images = _tiffs(images_dir)
+    images = tiff_files(images_dir)
     if not images:
         raise InputError(f"{images_dir}: no .tif/.tiff images")
-    masks = _tiffs(masks_dir) if masks_dir.is_dir() else {}
+    masks = tiff_files(masks_dir) if masks_dir.is_dir() else {}
     if not masks:
         if require_masks:
             raise InputError(f"{masks_dir}: no .tif/.tiff masks (the {split} split needs one mask per image)")
@@ -320,7 +309,7 @@ def compute_properties(
     crop = crop_size_rule(avg, std, n_sigma)
     if foreground_weight is None:
         foreground_weight = 10.0 if ndim == 2 else float(np.mean(fg_ratios))
-    px = _pixel_size(samples, ndim, pixel_size)
+    px = _common_pixel_size(samples, ndim, pixel_size)
     if anisotropy is None:
         anisotropy = px[0] / px[-1] if (px is not None and ndim == 3) else 1.0
         if ndim == 3 and px is None:
@@ -348,7 +337,8 @@ def compute_properties(
     )
 
 
-def _pixel_size(samples: Sequence[Sample], ndim: int, option: Sequence[float] | None) -> tuple | None:
+def _common_pixel_size(samples: Sequence[Sample], ndim: int, option: Sequence[float] | None) -> tuple | None:
+    """The option when given, else the pixel size most files state; warns about disagreements."""
     found = Counter(tuple(round(p, 9) for p in s.pixel_size) for s in samples if s.pixel_size is not None)
     if option is not None:
         option = tuple(float(p) for p in option)
@@ -435,7 +425,7 @@ class CropDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.sampling = sampling
-        self.scale = (float(anisotropy),) + (1.0,) * (self.ndim - 1) if self.ndim == 3 else (1.0,) * self.ndim
+        self.scale = (float(anisotropy), 1.0, 1.0)[-self.ndim :]  # z (3D only), y, x
         self.names = [s.name for s in samples]
         self.images, self.masks = [], []
         image_of, id_of, centroids, boxes = [], [], [], []
@@ -477,17 +467,14 @@ class CropDataset(torch.utils.data.Dataset):
         self._epoch.fill_(int(epoch))
 
     def _warn_large_objects(self, samples: Sequence[Sample]) -> None:
-        large = []
-        for s in samples:
-            for k, box in enumerate(ndimage.find_objects(s.mask), start=1):
-                if box is not None and any(
-                    b.stop - b.start > c for b, c in zip(box, self.crop_size, strict=True)
-                ):
-                    large.append(f"{s.mask_path} id {k} box {[b.stop - b.start for b in box]}")
-        if large:
+        extent = self.object_box[:, :, 1] - self.object_box[:, :, 0]
+        large = np.flatnonzero((extent > self.crop_size).any(axis=1))
+        if len(large):
+            obj = large[0]
+            where = f"{samples[self.object_image[obj]].mask_path} id {self.object_id[obj]}"
             warnings.warn(
                 f"{len(large)} object(s) larger than the crop {self.crop_size}; training sees parts of "
-                f"them (e.g. {large[0]})",
+                f"them (e.g. {where} box {extent[obj].tolist()})",
                 stacklevel=3,
             )
 

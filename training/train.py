@@ -39,7 +39,7 @@ import click
 import numpy as np
 import torch
 
-from embedseg_deploy.contract import Contract, Normalization, Thresholds
+from embedseg_deploy.contract import Contract, Normalization, Thresholds, default_architecture
 
 from . import __version__
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
@@ -289,7 +289,6 @@ def _resolve(config: TrainConfig) -> _Setup:
         batch_size=batch,
         crop_size=crop,
         iterations=config.iterations or max(1, math.ceil(n_objects / batch)),
-        val_crops=config.val_crops,
         workers=config.workers if config.workers is not None else (4 if device.type == "cuda" else 0),
         normalization=dataclasses.asdict(norm),
         anisotropy=props.anisotropy,
@@ -315,11 +314,7 @@ def _resolve(config: TrainConfig) -> _Setup:
         anisotropy=props.anisotropy,
         pixel_size=props.pixel_size,
         padding="center" if ndim == 2 else "end",  # upstream's placements, kept for one convention
-        architecture={
-            "name": "BranchedERFNet" if ndim == 2 else "BranchedERFNet_3d",
-            "num_classes": [2 * ndim, 1],
-            "input_channels": props.in_channels,
-        },
+        architecture=default_architecture(ndim, props.in_channels),
         data_properties=props.to_dict(),
         provenance={"source": "embedseg_training", "trainer": f"embedseg_training {__version__}"},
     )
@@ -422,13 +417,18 @@ def _restore(path: Path, model, opt, scaler, contract: Contract) -> dict[str, An
 
 
 def train(
-    config: TrainConfig | Mapping[str, Any], progress: bool = True, resume: bool | str | os.PathLike = False
+    config: TrainConfig | Mapping[str, Any] | str | os.PathLike,
+    progress: bool = True,
+    resume: bool | str | os.PathLike = False,
 ) -> RunResult:
-    """Train a model as ``config`` says; ``resume`` continues from ``out/last.pth`` (or a given path).
+    """Train a model as ``config`` (settings, a dict of them, or a run's config.json) says; ``resume``
+    continues from ``out/last.pth`` (or a given path) with its optimiser, schedule, RNG state and log.
 
     Writes ``config.json`` (resolved settings), ``best.pth``, ``last.pth``, ``log.csv`` and ``loss.png``
     into ``config.out``.
     """
+    if isinstance(config, str | os.PathLike):
+        config = TrainConfig.from_json_file(config)
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
