@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import numpy as np
 import tifffile
 
 from .contract import Normalization
-from .io import InputError, to_channels_first
+from .io import InputError, temp_file_beside, tiff_pixel_size, tiff_write_args, to_channels_first
 from .normalize import EPS
 from .tiling import pad_widths, reflect_indices
 
@@ -60,6 +59,27 @@ class BigResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def _check_complete(path: Path, tif: tifffile.TiffFile, series: Any, dtype: np.dtype) -> None:
+    """Every byte the header declares must be in the file (a memory map would fail or read past the end)."""
+    size = path.stat().st_size
+    offset = series.dataoffset
+    if offset is not None:
+        end = offset + math.prod(series.shape) * dtype.itemsize
+        if end > size:
+            raise InputError(
+                f"{path}: truncated or corrupt TIFF (declared image {tuple(series.shape)} {dtype} ends at "
+                f"byte {end}, the file has {size} bytes)"
+            )
+        return
+    for page in series.pages:
+        for off, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+            if count and off + count > size:
+                raise InputError(
+                    f"{path}: truncated or corrupt TIFF (pixel data end at byte {off + count}, "
+                    f"the file has {size} bytes)"
+                )
+
+
 class LazyImage:
     """A TIFF's first series read region by region without loading the whole image.
 
@@ -69,8 +89,6 @@ class LazyImage:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from .io import _pixel_size  # one place decodes pixel sizes
-
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(
@@ -84,9 +102,10 @@ class LazyImage:
                 self.shape = tuple(int(s) for s in series.shape)
                 self.dtype = np.dtype(series.dtype)
                 self.axes = series.axes
-                self.pixel_size = _pixel_size(tif, series.axes)
+                self.pixel_size = tiff_pixel_size(tif, series.axes)
                 self.n_pages = len(series.pages)
                 offset = series.dataoffset
+                _check_complete(self.path, tif, series, self.dtype)
         except InputError:
             raise
         except Exception as exc:
@@ -407,17 +426,13 @@ def _tick(timings: dict[str, float], key: str, since: float) -> float:
 
 
 def _temp_name(final: Path, tag: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=f".{tag}.tmp")
-    os.close(fd)
-    return Path(tmp)
+    return temp_file_beside(final, f"{tag}.tmp")
 
 
 def _create_memmap(path: Path, shape: Sequence[int], dtype: Any, pixel_size: Sequence[float] | None) -> None:
     """An all-zero TIFF of ``shape`` whose pixel data can be memory-mapped, with the pixel size."""
-    from .io import _tiff_args  # the writer's one encoding of pixel sizes (ImageJ or OME)
-
     axes = "YX" if len(shape) == 2 else "ZYX"
-    _, kwargs = _tiff_args(np.empty((1,) * len(shape), dtype), axes, pixel_size, path)
+    _, kwargs = tiff_write_args(np.empty((1,) * len(shape), dtype), axes, pixel_size, path)
     mm = tifffile.memmap(path, shape=tuple(shape), dtype=dtype, photometric="minisblack", **kwargs)
     mm.flush()
     del mm

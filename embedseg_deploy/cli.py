@@ -204,7 +204,9 @@ def predict(
             bar.__enter__()
         bar.update(1, Path(record["input"]).name)
 
-    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its parse warnings repeat our messages
+    # tifffile's parse warnings repeat our per-file messages; keep them off the terminal (a NullHandler,
+    # not a level: embedseg_deploy.io listens to tifffile's warnings to detect broken files)
+    logging.getLogger("tifffile").addHandler(logging.NullHandler())
     warnings.simplefilter("ignore", PixelSizeWarning)  # reported per file through the summary instead
     try:
         summary = predict_files(
@@ -314,6 +316,10 @@ def demo(model: Path | None, out_dir: Path, backend: str, seed: int, threads: in
     for name, path in result.files.items():
         click.echo(f"{name:<8} {path}")
 
+
+from .bench import bench_command  # noqa: E402  (embedseg-run bench, benchmarks: H8)
+
+main.add_command(bench_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -34,7 +34,7 @@ import numpy as np
 from . import __version__
 from .backends import Backend, create_backend
 from .contract import Contract, Thresholds
-from .io import InputError, read_tiff, to_channels_first, write_tiff_atomic
+from .io import InputError, atomic_write_json, read_tiff, tiff_stem, to_channels_first, write_tiff_atomic
 from .normalize import normalize
 from .tiling import pad_widths, predict_tiled
 from .tta import predict_tta
@@ -341,8 +341,8 @@ def plan_jobs(files: Sequence[Path], out_dir: Path, save_seeds: bool) -> list[Jo
     taken: dict[Path, Path] = {}
     jobs = []
     for f in files:
-        out = out_dir / f"{_stem(f)}.tif"
-        seeds = out_dir / SEEDS_FOLDER / f"{_stem(f)}.tif" if save_seeds else None
+        out = out_dir / f"{tiff_stem(f)}.tif"
+        seeds = out_dir / SEEDS_FOLDER / f"{tiff_stem(f)}.tif" if save_seeds else None
         job = Job(f, out, seeds)
         for target in (out, seeds):
             if target is not None and target.resolve() in inputs:
@@ -354,14 +354,6 @@ def plan_jobs(files: Sequence[Path], out_dir: Path, save_seeds: bool) -> list[Jo
         taken.setdefault(out.resolve(), f)
         jobs.append(job)
     return jobs
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
 
 
 def spatial_shape_of(
@@ -463,7 +455,7 @@ def predict_files(
         "files": records,
     }
     if summary_name:
-        _write_json_atomic(out_dir / summary_name, summary)
+        atomic_write_json(out_dir / summary_name, summary)
     return summary
 
 
@@ -607,18 +599,3 @@ def _sum_timings(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
         for k, v in (r.get("timings") or {}).items():
             total[k] = total.get(k, 0.0) + v
     return _rounded(total)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    import json
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

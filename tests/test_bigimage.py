@@ -118,3 +118,12 @@ def test_nan_in_a_big_float_image_is_refused(predictors, tmp_path):
     with pytest.raises(InputError, match=r"nan\.tif: image has NaN"):
         predict_big(predictors[2], src, tmp_path / "out.tif", block=16)
     assert [p.name for p in tmp_path.iterdir()] == ["nan.tif"]
+
+
+def test_a_truncated_file_is_refused_before_mapping(predictors, tmp_path):
+    image, _ = blobs((64, 64), 3, seed=1)
+    src = _write(tmp_path / "t.tif", image)
+    src.write_bytes(src.read_bytes()[:-500])
+    with pytest.raises(InputError, match=r"t\.tif: truncated or corrupt TIFF"):
+        predict_big(predictors[2], src, tmp_path / "out.tif", block=32)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.tif"]

@@ -85,6 +85,7 @@ class OnnxRuntimeBackend(Backend):
         engine_cache: str | os.PathLike | None = None,
         trt_profile: dict[str, tuple[int, ...]] | None = None,
         cuda_options: dict[str, Any] | None = None,
+        session_config: dict[str, str] | None = None,
     ):
         if backend not in PROVIDER_OF:
             raise BackendError(f"unknown onnxruntime backend {backend!r}; choose from {sorted(PROVIDER_OF)}")
@@ -105,6 +106,8 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
+        for key, value in (session_config or {}).items():  # e.g. session.intra_op.allow_spinning
+            opts.add_session_config_entry(str(key), str(value))
         providers: list[Any]
         if provider == CPU_EP:
             providers = [CPU_EP]

@@ -57,7 +57,7 @@ CASES: dict[str, tuple[str, str, str]] = {
     "huge_declared.tif": (
         "header says 200000 x 200000 uint16",
         "fail",
-        r"huge_declared\.tif: declared image",
+        r"huge_declared\.tif: .*declared image",
     ),
     "zero_width.tif": ("header says width 0", "fail", r"zero_width\.tif: "),
     "constant.tif": ("every pixel 7", "ok", r"constant"),
