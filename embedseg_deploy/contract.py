@@ -208,13 +208,20 @@ def default_architecture(ndim: int, in_channels: int = 1) -> dict[str, Any]:
 
 
 def default_tiles(ndim: int) -> dict[str, dict[str, list[int]]]:
-    """Tile and halo per device. The halo covers most of the network's effective reach."""
+    """Tile and halo per device, in array order.
+
+    Tiles are large on purpose: BranchedERFNet's output moves up to ~231 px away from an input change,
+    so tiled prediction equals whole-image prediction only with a halo of 240 px, and whole-image
+    prediction is also the fastest on CPU (1024^2: 2.9 s whole vs 11 s in 512^2 tiles with a 32 px halo,
+    benchmarks). The halo used once an image exceeds the tile (64 px) matched every object of a
+    1024^2 whole-image prediction at IoU 0.5 on the upstream 2D fixture model; 32 px lost some.
+    """
     if ndim == 2:
         return {
-            "cpu": {"size": [512, 512], "halo": [32, 32]},
-            "gpu": {"size": [1024, 1024], "halo": [32, 32]},
+            "cpu": {"size": [2048, 2048], "halo": [64, 64]},
+            "gpu": {"size": [2048, 2048], "halo": [64, 64]},
         }
     return {
-        "cpu": {"size": [32, 128, 128], "halo": [8, 16, 16]},
-        "gpu": {"size": [64, 256, 256], "halo": [8, 24, 24]},
+        "cpu": {"size": [64, 512, 512], "halo": [16, 64, 64]},
+        "gpu": {"size": [64, 256, 256], "halo": [16, 64, 64]},
     }
