@@ -13,8 +13,9 @@ The rule for objects at block borders (as StarDist's big-image prediction):
 * An object more than half of whose pixels another block already wrote is that object seen twice (its
   seed crossed a core border through a tie or a last-bit difference between blocks) and is dropped.
 * The halo must exceed the largest object (its extent from the seed) plus the network's reach, or
-  objects cut by the halo's edge lose pixels. The default halo is twice the tile halo; set it per data
-  set (``--block-halo``) to at least the largest object diameter.
+  objects cut by the halo's edge lose pixels. By default a block with its halo is exactly one of the
+  predictor's tiles (core = tile - 2 * halo, halo = the tile halo), so each block is one network pass;
+  set the halo per data set (``--block-halo``) to at least the largest object diameter.
 
 Memory is bounded by one block: the input is a memory map of the TIFF (uncompressed, contiguous data) or
 is read page by page (one page per z-slice), the output is a memory-mapped TIFF opened per block, and
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 
 EXACT_FLOAT_VALUES = 2**25
 CHUNK_BYTES = 64 * 2**20
-DEFAULT_BLOCK = {2: [2048, 2048], 3: [64, 256, 256]}
 
 
 @dataclass
@@ -343,9 +343,10 @@ def predict_big(
         raise InputError(
             f"{lazy.path}: image has {lazy.shape[caxis]} channels, the model takes {c.in_channels}"
         )
-    block_v = _per_axis(block, c.ndim) or DEFAULT_BLOCK[c.ndim]
-    block_v = round_up(block_v, m)
-    halo_v = round_up(_per_axis(block_halo, c.ndim) or [2 * h for h in predictor.halo], m)
+    halo_v = round_up(_per_axis(block_halo, c.ndim) or predictor.halo, m)
+    tile = predictor.tile or c.recommended_tile(predictor.backend.kind)[0]
+    default_block = [max(m, t - 2 * h) for t, h in zip(tile, halo_v, strict=True)]
+    block_v = round_up(_per_axis(block, c.ndim) or default_block, m)
     notes = []
     warn = check_pixel_size(lazy.pixel_size, c, f"{lazy.path}: ")
     if warn:
