@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract import METADATA_KEY, Contract, ContractError
+from .io import atomic_write_bytes, sha256_file
 
 SIDECAR_KIND = "embedseg-tensorrt-engine"
 PRECISIONS = ("fp32", "tf32", "fp16")
@@ -150,36 +150,17 @@ def default_profile(contract: Contract, device: str = "gpu", batch: Sequence[int
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Files: hashing, atomic writes, the ONNX header
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# Files: atomic writes, the ONNX header (``sha256_file`` comes from ``embedseg_deploy.io``)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes, force: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``.
-
-    Refuses to overwrite an existing file unless ``force``.
-    """
+    """:func:`embedseg_deploy.io.atomic_write_bytes` with the exporters' errors (``--force``)."""
     path = Path(path)
     if path.exists() and not force:
         raise EngineError(f"{path} exists; pass --force to overwrite it")
     if not path.parent.is_dir():
         raise EngineError(f"{path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -412,8 +393,11 @@ def build_engine(
 
     ``timing_cache``: a file read before and written after the build (created when missing).
     """
-    trt = import_tensorrt()
     onnx_path = Path(onnx_path)
+    cache_path = Path(timing_cache) if timing_cache else None
+    if cache_path and not cache_path.parent.is_dir():  # found out now, not after a build of minutes
+        raise EngineError(f"{cache_path}: folder {cache_path.parent} does not exist (timing cache)")
+    trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -440,7 +424,6 @@ def build_engine(
         profile.set_shape(input_name, p.min, p.opt, p.max)
         config.add_optimization_profile(profile)
 
-    cache_path = Path(timing_cache) if timing_cache else None
     cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -453,7 +436,7 @@ def build_engine(
     if serialized is None:
         raise EngineError(f"{onnx_path}: TensorRT failed to build the engine (see the TensorRT log above)")
     if cache_path:
-        write_atomic(cache_path, bytes(memoryview(config.get_timing_cache().serialize())), force=True)
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     facts = {
         "tensorrt_version": str(trt.__version__),
         "precision": precision,

@@ -1,20 +1,18 @@
 """``embedseg-run evaluate PRED GT``: pair label files, compute the metrics, write CSV and JSON.
 
-Predictions and ground truth are files or folders of TIFFs; files in two folders pair by name (the
-``.tif``/``.tiff`` suffix may differ). Every image is matched at each threshold (default IoU 0.50:0.05:0.95)
-and the dataset is summarised both ways, always labelled: ``per_image_mean`` (what EmbedSeg, Cellpose and
-Kaggle DSB report) and ``pooled`` (StarDist's ``matching_dataset`` default). SEG and the DSB score come
-with every image and summary. See :mod:`embedseg_deploy.metrics` for the definitions.
+Predictions and ground truth are files or folders of TIFFs; files in two folders pair by name
+(:func:`embedseg_deploy.io.tiff_stem`: the ``.tif``/``.tiff``/``.ome.tif`` suffix may differ). Every image
+is matched at each threshold (default IoU 0.50:0.05:0.95) and the dataset is summarised both ways, always
+labelled: ``per_image_mean`` (what EmbedSeg, Cellpose and Kaggle DSB report) and ``pooled`` (StarDist's
+``matching_dataset`` default). SEG and the DSB score come with every image and summary. See
+:mod:`embedseg_deploy.metrics` for the definitions.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io as _stringio
-import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .io import InputError, read_tiff
+from .io import InputError, atomic_write_json, atomic_write_text, read_tiff, tiff_files, tiff_stem
 from .metrics import (
     AGGREGATIONS,
     CRITERIA,
@@ -34,6 +32,7 @@ from .metrics import (
     SegResult,
     aggregate,
     aggregate_seg,
+    check_labels,
     dsb_from_matchings,
     label_overlap,
     match_overlap,
@@ -41,7 +40,6 @@ from .metrics import (
 )
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = DSB_THRESHOLDS
-TIFF_SUFFIXES = (".tif", ".tiff")
 CSV_NAME = "evaluation.csv"
 JSON_NAME = "evaluation.json"
 _MAX_LISTED = 20
@@ -143,18 +141,9 @@ class EvaluationReport:
 # ------------------------------------------------------------------------------------------------ pairing
 
 
-def _stem(path: Path) -> str:
-    return path.name[: -len(path.suffix)] if path.suffix.lower() in TIFF_SUFFIXES else path.name
-
-
 def _tiffs(folder: Path) -> dict[str, Path]:
-    """TIFF files of a folder by stem; two files with one stem (``a.tif``, ``a.tiff``) are an error."""
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in TIFF_SUFFIXES:
-            if _stem(path) in found:
-                raise InputError(f"{folder}: both {found[_stem(path)].name} and {path.name} exist; keep one")
-            found[_stem(path)] = path
+    """:func:`tiff_files` of a folder, which must hold at least one."""
+    found = tiff_files(folder)
     if not found:
         raise InputError(f"{folder}: no .tif/.tiff files")
     return found
@@ -180,13 +169,14 @@ def pair_files(
         if not path.exists():
             raise InputError(f"{path}: {what} not found")
     if pred.is_file() and gt.is_file():
-        return [ImagePair(_stem(gt), pred, gt)], [], []
+        return [ImagePair(tiff_stem(gt), pred, gt)], [], []
     if pred.is_file() or gt.is_file():
         file, folder = (pred, gt) if pred.is_file() else (gt, pred)
-        partner = _tiffs(folder).get(_stem(file))
+        name = tiff_stem(file)
+        partner = _tiffs(folder).get(name)
         if partner is None:
-            raise InputError(f"{folder}: no .tif/.tiff file named {_stem(file)!r} to pair with {file}")
-        return [ImagePair(_stem(file), *((file, partner) if file == pred else (partner, file)))], [], []
+            raise InputError(f"{folder}: no .tif/.tiff file named {name!r} to pair with {file}")
+        return [ImagePair(name, *((file, partner) if file == pred else (partner, file)))], [], []
     preds, gts = _tiffs(pred), _tiffs(gt)
     pairs = [ImagePair(name, preds[name], gts[name]) for name in sorted(preds.keys() & gts.keys())]
     lone_pred = [preds[k] for k in sorted(preds.keys() - gts.keys())]
@@ -213,16 +203,10 @@ def _check_thresholds(thresholds: float | Sequence[float]) -> tuple[float, ...]:
 
 
 def _read_labels(path: Path) -> np.ndarray:
-    data = read_tiff(path).data
-    if data.dtype.kind not in "iu":
-        raise InputError(
-            f"{path}: label images must hold integers, got {data.dtype} (save labels as uint16/uint32)"
-        )
-    if data.ndim not in (2, 3):
-        raise InputError(f"{path}: label image must be 2D or 3D, got shape {data.shape}")
-    if data.dtype.kind == "i" and int(data.min()) < 0:
-        raise InputError(f"{path}: label images must be non-negative, found {int(data.min())}")
-    return data
+    try:
+        return check_labels(read_tiff(path).data, "label images")
+    except LabelError as exc:
+        raise InputError(f"{path}: {exc}") from None
 
 
 def evaluate_pair(
@@ -359,27 +343,12 @@ def write_csv(report: EvaluationReport, path: str | os.PathLike) -> Path:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(csv_rows(report))
-    return _write_text_atomic(Path(path), buffer.getvalue())
+    return atomic_write_text(path, buffer.getvalue())
 
 
 def write_json(report: EvaluationReport, path: str | os.PathLike) -> Path:
     """Write ``report.to_dict()`` to ``path`` atomically."""
-    return _write_text_atomic(Path(path), json.dumps(report.to_dict(), indent=2) + "\n")
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_json(path, report.to_dict(), indent=2)
 
 
 _TITLES = {

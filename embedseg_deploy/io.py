@@ -1,21 +1,27 @@
-"""TIFF reading and writing shared by training and the runtime (torch-free).
+"""Files shared by training, export and the runtime (torch-free): TIFFs and atomic writes.
 
 One reader (:func:`read_tiff`) that turns every way a file can be broken into an :class:`InputError`
-naming the file, one channel rule (:func:`to_channels_first`) and one atomic writer
-(:func:`write_tiff_atomic`). Pixel sizes are in microns and in array order ``(z,) y, x``.
+naming the file, one channel rule (:func:`to_channels_first`), one pairing rule for TIFF folders
+(:func:`tiff_stem`, :func:`tiff_files`), and one way to write any output atomically
+(:func:`atomic_writer` and the ``atomic_write_*`` helpers, which :func:`write_tiff_atomic` uses).
+Pixel sizes are in microns and in array order ``(z,) y, x``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
-import tempfile
+import secrets
+import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
@@ -45,6 +51,8 @@ _UNITS_UM = {
 # Resolutions that generic writers put in by default (72/96/300 dpi, 1 pixel per inch): not a pixel size.
 _DEFAULT_DPI = (1.0, 72.0, 96.0, 300.0)
 _IMAGEJ_DTYPES = ("uint8", "uint16", "int16", "float32")
+TIFF_SUFFIXES = (".tif", ".tiff")
+_STEM_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
 
 
 class InputError(ValueError):
@@ -83,7 +91,7 @@ def read_tiff(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Ti
             _check_declared(path, shape, dtype, max_bytes)
             _check_not_truncated(path, tif, series, file_size, log.messages)
             data = series.asarray()
-            pixel_size = _pixel_size(tif, axes)
+            pixel_size = tiff_pixel_size(tif, axes)
     except InputError:
         raise
     except MemoryError:
@@ -117,14 +125,19 @@ def _size(nbytes: float) -> str:
 
 
 class _TiffLog(logging.Handler):
-    """Collects what tifffile logs while a file is read: it reports a broken page chain only there."""
+    """Collects what tifffile logs while a file is read: it reports a broken page chain only there.
+
+    Only this thread's records count: a file read at the same time in another thread is not this one.
+    """
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
+        self.thread = threading.get_ident()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
 
     def __enter__(self) -> _TiffLog:
         logging.getLogger("tifffile").addHandler(self)
@@ -162,8 +175,11 @@ def _check_not_truncated(
                 )
 
 
-def _pixel_size(tif: tifffile.TiffFile, axes: str) -> tuple[float, ...] | None:
-    """Pixel size in microns from OME, ImageJ, or the resolution tags, in array order."""
+def tiff_pixel_size(tif: tifffile.TiffFile, axes: str) -> tuple[float, ...] | None:
+    """Pixel size in microns of an open TIFF (OME, ImageJ, or the resolution tags), in array order.
+
+    ``axes`` is the series' axes string; the result has a z value only when it names ``Z``.
+    """
     if tif.is_ome:
         size = _ome_pixel_size(tif.ome_metadata, axes)
         if size is not None:
@@ -294,7 +310,7 @@ def write_tiff_atomic(
     axes: str | None = None,
     compression: str | None = None,
 ) -> Path:
-    """Write ``array`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``).
+    """Write ``array`` to ``path`` atomically (see :func:`atomic_writer`) with its pixel size.
 
     uint8, uint16, int16 and float32 (and bool, written as uint8 0/1) go to an ImageJ hyperstack with
     the pixel size as resolution + ``spacing`` + unit ``micron``, which Fiji and napari show. Other dtypes
@@ -310,30 +326,16 @@ def write_tiff_atomic(
         array = array.astype(np.uint8)
     if array.dtype.kind not in "iuf":
         raise InputError(f"{path}: cannot write pixel type {array.dtype}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
     if not path.parent.is_dir():
         raise InputError(f"{path}: folder {path.parent} does not exist")
     axes = axes or _default_axes(array.ndim, pixel_size)
     if len(axes) != array.ndim:
         raise InputError(f"{path}: axes {axes!r} do not match array shape {array.shape}")
-    array, kwargs = _tiff_args(array, axes, pixel_size, path)
+    array, kwargs = tiff_write_args(array, axes, pixel_size, path)
     if compression is not None:
         kwargs["compression"] = compression
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with open(tmp, "wb") as fh:
-            tifffile.imwrite(fh, array, photometric="minisblack", **kwargs)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_writer(path, overwrite=overwrite) as fh:
+        tifffile.imwrite(fh, array, photometric="minisblack", **kwargs)
     return path
 
 
@@ -348,10 +350,14 @@ def _default_axes(ndim: int, pixel_size: Sequence[float] | None) -> str:
     raise InputError(f"cannot choose axes for a {ndim}D array; pass axes")
 
 
-def _tiff_args(
-    array: np.ndarray, axes: str, pixel_size: Sequence[float] | None, path: Path
+def tiff_write_args(
+    array: np.ndarray, axes: str, pixel_size: Sequence[float] | None, path: str | os.PathLike
 ) -> tuple[np.ndarray, dict]:
-    """The array as written (ImageJ wants TZCYXS order) and tifffile's keyword arguments."""
+    """The array as :func:`write_tiff_atomic` stores it and tifffile's keyword arguments for it.
+
+    The one encoding of pixel sizes (ImageJ for its dtypes, else OME); ImageJ wants TZCYXS order, so a
+    ``C`` before ``Z`` is moved after it. ``path`` only names the file in errors.
+    """
     spatial = [a for a in axes if a in "ZYX"]
     if pixel_size is not None:
         pixel_size = [float(p) for p in pixel_size]
@@ -380,16 +386,125 @@ def _tiff_args(
     return array, kwargs
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# ----------------------------------------------------------------------------------------------------
+# TIFF folders
+
+
+def tiff_stem(path: str | os.PathLike) -> str:
+    """The name that pairs files across folders: the file name without ``.ome.tif(f)`` / ``.tif(f)``."""
+    name = Path(path).name
+    lower = name.lower()
+    for suffix in _STEM_SUFFIXES:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def tiff_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """The TIFF files of ``folder`` by :func:`tiff_stem`, in name order; hidden files are skipped.
+
+    Two files with one stem (``a.tif`` and ``a.tiff``) cannot be paired by name, so they raise.
+    """
+    files: dict[str, Path] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in TIFF_SUFFIXES:
+            continue
+        stem = tiff_stem(path)
+        if stem in files:
+            other = files[stem]
+            raise InputError(
+                f"{path}: same name as {other} (both {other.name} and {path.name} exist; keep one)"
+            )
+        files[stem] = path
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
+    """A binary file that becomes ``path`` only when the block ends without an error.
+
+    Readers never see a partial file and a failed write leaves ``path`` as it was: the data go to a
+    hidden temp file in the same folder, are flushed to disk, then renamed over ``path``. The file gets
+    the permissions of any new file (the umask applies). Raises :class:`FileExistsError` for an
+    existing ``path`` unless ``overwrite``, :class:`FileNotFoundError` when its folder is missing.
+    """
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
+    tmp = temp_file_beside(path)
+    try:
+        with open(tmp, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def temp_file_beside(path: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A new empty hidden file in ``path``'s folder, for data that will be renamed onto ``path``.
+
+    Same folder, so ``os.replace`` is atomic; created with the permissions of any new file (the umask
+    applies), unlike ``tempfile.mkstemp``'s 0600, which a rename would pass on to the output.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.{tag}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return tmp
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, overwrite: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_writer`)."""
+    with atomic_writer(path, overwrite) as fh:
+        fh.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` as UTF-8 to ``path`` atomically; line endings are written as given."""
+    return atomic_write_bytes(path, text.encode("utf-8"), overwrite)
+
+
+def atomic_write_json(
+    path: str | os.PathLike, obj: Any, indent: int | None = 1, overwrite: bool = True
+) -> Path:
+    """Write ``obj`` as JSON (plus a final newline) to ``path`` atomically.
+
+    numpy scalars and arrays become numbers and lists; anything else JSON lacks (paths) its ``str``.
+    """
+    return atomic_write_text(path, json.dumps(obj, indent=indent, default=_json_default) + "\n", overwrite)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic | np.ndarray):
+        return obj.tolist()
+    return str(obj)
 
 
 def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (where the platform allows opening a folder)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's content (provenance of checkpoints and models; any file size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

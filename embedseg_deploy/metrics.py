@@ -105,26 +105,21 @@ class Overlap:
         out[0, 0] = self.n_pixels - self.true_area.sum() - out[0, 1:].sum()
         return out
 
-    def score_matrix(self, criterion: Criterion = "iou") -> np.ndarray:
-        """Dense ``N_true x N_pred`` scores without background (for small images and tests)."""
-        out = np.zeros((self.n_true, self.n_pred), dtype=np.float64)
-        out[self.rows, self.cols] = self.scores(criterion)
-        return out
-
 
 def check_labels(y: np.ndarray, name: str = "labels") -> np.ndarray:
     """Return ``y`` as an array after checking it is a 2D/3D array of non-negative integers."""
     y = np.asarray(y)
     if y.dtype.kind not in "iu":
-        hint = " (float labels are rejected; cast integral values with .astype(np.uint32))"
+        hint = "; float labels are rejected, cast integral values with .astype(np.uint32)"
         raise LabelError(
-            f"{name} must be an array of non-negative integers, got dtype {y.dtype}"
+            f"{name} must hold integers, got {y.dtype} (labels are non-negative integers"
             + (hint if y.dtype.kind == "f" else "")
+            + ")"
         )
     if y.ndim not in (2, 3):
-        raise LabelError(f"{name} must be a 2D or 3D label image, got shape {y.shape}")
+        raise LabelError(f"{name} must be 2D or 3D, got shape {y.shape}")
     if y.dtype.kind == "i" and y.size and int(y.min()) < 0:
-        raise LabelError(f"{name} must be an array of non-negative integers, found label {int(y.min())}")
+        raise LabelError(f"{name} must hold non-negative integers, found label {int(y.min())}")
     return y
 
 
@@ -510,8 +505,16 @@ def aggregate(results: Sequence[Matching], aggregation: Aggregation = "pooled") 
         tp, fp, fn = counts["tp"], counts["fp"], counts["fn"]
         values = {**_rates(tp, fp, fn), **_score_means(sum_matched, tp, fp, fn, counts["n_true"])}
     else:
-        keys = ("precision", "recall", "accuracy", "f1", "mean_true_score", "mean_matched_score")
-        values = {k: float(np.mean([getattr(m, k) for m in results])) for k in (*keys, "panoptic_quality")}
+        keys = (
+            "precision",
+            "recall",
+            "accuracy",
+            "f1",
+            "mean_true_score",
+            "mean_matched_score",
+            "panoptic_quality",
+        )
+        values = {k: float(np.mean([getattr(m, k) for m in results])) for k in keys}
     return DatasetMatching(
         criterion=results[0].criterion,
         thresh=results[0].thresh,

@@ -49,7 +49,7 @@ def make_image(
     ndim = len(shape)
     if ndim not in (2, 3):
         raise ValueError(f"shape must be 2D or 3D, got {shape}")
-    spacing = np.array([anisotropy, 1.0, 1.0][-ndim:]) if ndim == 3 else np.ones(2)
+    spacing = np.array([anisotropy, 1.0, 1.0][-ndim:])  # physical size of a voxel step: z, y, x
     extent = np.array(shape) * spacing  # physical size
     labels = np.zeros(shape, dtype=np.int32)
     best = np.full(shape, np.inf, dtype=np.float32)  # normalised squared distance of the current owner
@@ -190,7 +190,7 @@ def write_dataset(
         raise ValueError(f"shape {shape} is not {ndim}D")
     n_objects = n_objects or ((20, 60) if ndim == 2 else (10, 20))
     radius = radius or ((7.0, 13.0) if ndim == 2 else (7.0, 11.0))
-    px = (pixel_size * anisotropy, pixel_size, pixel_size)[-ndim:] if ndim == 3 else (pixel_size,) * 2
+    px = (pixel_size * anisotropy, pixel_size, pixel_size)[-ndim:]
     for split_index, (split, count) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
         if count <= 0:
             continue

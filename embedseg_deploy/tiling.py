@@ -162,16 +162,23 @@ def plan_tiles(
 
 
 def read_tile(image: np.ndarray, tile: Tile) -> np.ndarray:
-    """Network input for ``tile`` from ``image`` (C, *spatial), reflect-padded where it leaves the image."""
-    spatial = image.shape[1:]
-    inside = all(o >= 0 and o + s <= n for o, s, n in zip(tile.origin, tile.shape, spatial, strict=True))
-    if inside:
-        return image[(slice(None), *(slice(o, o + s) for o, s in zip(tile.origin, tile.shape, strict=True)))]
-    index = [
-        reflect_indices(np.arange(o, o + s), n)
-        for o, s, n in zip(tile.origin, tile.shape, spatial, strict=True)
-    ]
-    return image[(slice(None), *np.ix_(*index))]
+    """Network input for ``tile`` from ``image`` (C, *spatial), reflect-padded where it leaves the image.
+
+    A view where the tile lies inside the image; else only the axes that leave it are gathered (a
+    border tile of a large image is a cheap copy, not a gather along every axis).
+    """
+    window: list[slice] = [slice(None)]
+    gathers = []
+    for axis, (o, s, n) in enumerate(zip(tile.origin, tile.shape, image.shape[1:], strict=True), start=1):
+        if o >= 0 and o + s <= n:
+            window.append(slice(o, o + s))
+        else:
+            window.append(slice(None))
+            gathers.append((axis, reflect_indices(np.arange(o, o + s), n)))
+    x = image[tuple(window)]
+    for axis, index in gathers:
+        x = np.take(x, index, axis=axis)
+    return x
 
 
 def _add(stats: dict[str, float] | None, key: str, since: float) -> float:

@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 
 from embedseg_deploy.contract import ContractError
-from embedseg_deploy.engine_cache import EngineError, write_atomic
+from embedseg_deploy.engine_cache import EngineError
+from embedseg_deploy.io import atomic_write_json
 
 from . import __version__
 from .fp16 import DEFAULT_KEEP, KEEP_CHOICES, Fp16Error
@@ -60,7 +61,7 @@ def _keep(text: str) -> list[str]:
 
 def _save_report(path: Path | None, report: dict | None) -> None:
     if path is not None and report is not None:
-        write_atomic(path, (json.dumps(report, indent=1) + "\n").encode(), force=True)
+        atomic_write_json(path, report)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -112,6 +113,8 @@ def onnx_command(
     force,
 ):
     """Export CHECKPOINT (ours, or upstream EmbedSeg with its JSON files) to an ONNX model."""
+    if report is not None and not report.parent.is_dir():  # before the export, not after it
+        raise click.ClickException(f"{report}: folder {report.parent} does not exist")
     try:
         expect_kind(checkpoint, "checkpoint", "embedseg-export onnx")
         import torch

@@ -140,10 +140,6 @@ def precision_of_nodes(model: onnx.ModelProto) -> dict[str, str]:
     }
 
 
-def _cast_to(node: onnx.NodeProto) -> int:
-    return next(a.i for a in node.attribute if a.name == "to")
-
-
 def _fp16_initializer(tensor: TensorProto, cache: dict[str, TensorProto]) -> str:
     name = f"{tensor.name}__fp16"
     if name not in cache:

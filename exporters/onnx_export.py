@@ -37,7 +37,8 @@ import torch
 from onnx import TensorProto
 
 from embedseg_deploy.contract import METADATA_KEY, Contract
-from embedseg_deploy.engine_cache import sha256_file, write_atomic
+from embedseg_deploy.engine_cache import write_atomic
+from embedseg_deploy.io import sha256_file
 
 from . import __version__
 from .fp16 import DEFAULT_KEEP, convert_to_fp16

@@ -36,11 +36,11 @@ from embedseg_deploy.engine_cache import (
     parse_profile,
     read_onnx_header,
     resolve_precision,
-    sha256_file,
     sidecar_path,
     write_atomic,
     write_engine,
 )
+from embedseg_deploy.io import sha256_file
 
 from .fp16 import DEFAULT_KEEP
 from .verify import TOLERANCES, Report, compare, fixture_tile, ort_runner, synthetic_image
@@ -201,6 +201,8 @@ def build_trt(
     for target in (out, sidecar_path(out)):
         if target.exists() and not force:
             raise EngineError(f"{target} exists; pass --force to overwrite it")
+    if not out.parent.is_dir():  # found out now, not after a build of minutes
+        raise EngineError(f"{out}: folder {out.parent} does not exist")
     header = read_onnx_header(onnx_path)
     contract = onnx_contract(onnx_path, header)
     profiles = profiles_from_tiles(contract, tiles, batch)

@@ -85,16 +85,24 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def synthetic_image(contract: Contract, spatial: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    """A deterministic image of bright blobs (C, *spatial), float32, normalised as the contract says."""
+    """A deterministic image of bright blobs (C, *spatial), float32, normalised as the contract says.
+
+    About one blob per 18 pixels along each axis, each drawn on its bounding box only, so that
+    profile-sized tiles (1088 x 1088, 80 x 304 x 304) take a fraction of a second.
+    """
     rng = np.random.default_rng(seed)
-    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in spatial], indexing="ij")
-    image = 0.1 + 0.05 * grids[-1] / max(spatial[-1], 1)  # background with a gradient
+    image = np.empty(spatial)
+    image[...] = 0.1 + 0.05 * np.arange(spatial[-1]) / max(spatial[-1], 1)  # background with a gradient
     n_blobs = max(2, int(np.prod(spatial) / (18.0**contract.ndim)))
     for _ in range(n_blobs):
         centre = rng.uniform(0, spatial)
         radii = rng.uniform(4.0, 9.0, contract.ndim)
+        lo = np.clip(np.floor(centre - radii), 0, None).astype(int)
+        hi = np.minimum(np.ceil(centre + radii).astype(int) + 1, spatial)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        grids = np.ogrid[box]
         inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True)) <= 1.0
-        image[inside] = rng.uniform(0.5, 1.0)
+        image[box][inside] = rng.uniform(0.5, 1.0)
     image = image + rng.normal(0.0, 0.02, image.shape)
     scale = contract.normalization.divisor if contract.normalization.kind == "absolute" else 1000.0
     raw = np.clip(image, 0, 1) * float(scale)

@@ -123,6 +123,15 @@ def test_file_pairs_and_file_in_folder(folders, tmp_path):
         pair_files(tmp_path / "c.tif", gt)
 
 
+def test_predictions_of_ome_tiffs_pair_with_their_ground_truth(folders):
+    """`embedseg-run predict` names the labels of ``b.ome.tif`` ``b.tif``: they pair with ``b.ome.tif``."""
+    pred, gt = folders
+    (gt / "b.tiff").rename(gt / "b.ome.tif")
+    report = evaluate_paths(pred, gt)
+    assert [(r.name, r.gt.name) for r in report.images] == [("a", "a.tiff"), ("b", "b.ome.tif")]
+    assert pair_files(pred / "b.tif", gt)[0][0].gt == gt / "b.ome.tif"
+
+
 def test_missing_partners_are_listed(folders):
     pred, gt = folders
     (pred / "b.tif").rename(pred / "z.tif")

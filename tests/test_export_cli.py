@@ -53,6 +53,16 @@ def test_onnx_export_report_force_and_info(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_report_in_a_missing_folder_fails_before_the_export(tmp_path):
+    out, report = tmp_path / "m.onnx", tmp_path / "no" / "verify.json"
+    fails(
+        run("onnx", our_checkpoint(2), "-o", out, "--report", report, "--threads", "1"),
+        "no",
+        "does not exist",
+    )
+    assert not out.exists()
+
+
 def test_info_on_checkpoints():
     ours = run("info", our_checkpoint(3))
     assert ours.exit_code == 0 and "checkpoint" in ours.output and "BranchedERFNet_3d 3D" in ours.output

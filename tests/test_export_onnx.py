@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ import torch
 
 from embedseg_deploy.contract import METADATA_KEY, Contract
 from embedseg_deploy.engine_cache import read_onnx_header
+from embedseg_deploy.normalize import normalize
 from embedseg_exporters import onnx_export, verify
 from embedseg_exporters.onnx_export import ExportError, check_eval_graph, export_checkpoint, export_onnx
 from embedseg_exporters.verify import TOLERANCES, VerificationError, output_errors
@@ -126,6 +128,32 @@ def test_output_errors_in_clustering_units():
     assert errors["seed_abs"] == pytest.approx(1 / (1 + np.exp(-2.0)) - 0.5)
     test[0, 2, 0, 0] = np.nan
     assert output_errors(test, ref, spacing)["sigma_rel"] == np.inf
+
+
+def blobs_by_definition(contract: Contract, spatial: tuple[int, ...], seed: int) -> np.ndarray:
+    """verify.synthetic_image's image the direct way: every blob tested against every pixel."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.arange(s, dtype=np.float64) for s in spatial], indexing="ij")
+    image = 0.1 + 0.05 * grids[-1] / spatial[-1]
+    for _ in range(max(2, int(np.prod(spatial) / 18.0**contract.ndim))):
+        centre, radii = rng.uniform(0, spatial), rng.uniform(4.0, 9.0, contract.ndim)
+        inside = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii, strict=True)) <= 1.0
+        image[inside] = rng.uniform(0.5, 1.0)
+    raw = np.clip(image + rng.normal(0.0, 0.02, image.shape), 0, 1) * 1000.0
+    stack = np.stack([raw * (1.0 - 0.1 * c) for c in range(contract.in_channels)])
+    return normalize(stack, contract.normalization, channel_axis=0)
+
+
+def test_synthetic_image_is_exact_and_linear_in_its_size():
+    """Verification tiles are as large as engine profiles (1088 x 1088 by default): no per-blob full pass."""
+    c2 = Contract(ndim=2, spacing=[1e-3] * 2, in_channels=2)
+    c3 = Contract(ndim=3, spacing=[1e-3] * 3)
+    for contract, spatial in ((c2, (40, 56)), (c3, (12, 30, 26))):
+        expected = blobs_by_definition(contract, spatial, seed=3)
+        np.testing.assert_array_equal(verify.synthetic_image(contract, spatial, seed=3), expected)
+    start = time.perf_counter()
+    verify.synthetic_image(c2, (1088, 1088))  # the default GPU profile's max tile
+    assert time.perf_counter() - start < 5.0  # one full-image pass per blob: 30-100 s
 
 
 def tiny_erfnet_like() -> torch.nn.Module:

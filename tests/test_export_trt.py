@@ -179,6 +179,20 @@ def test_bad_tile_fails_before_tensorrt_is_needed(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_missing_output_or_timing_cache_folder_fails_before_the_build(tmp_path, monkeypatch):
+    from embedseg_exporters.tensorrt_build import build_trt
+
+    path, _ = exported("ours-2d")
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRT())  # a build would succeed
+    with pytest.raises(EngineError, match=r"no/m\.engine: folder .* does not exist"):
+        build_trt(path, tmp_path / "no" / "m.engine", tiles=["64x64"])
+    with pytest.raises(EngineError, match=r"t\.cache: folder .* does not exist"):
+        ec.build_engine(
+            path, [ec.parse_profile("64x64", 2, 1)], "fp32", timing_cache=tmp_path / "no" / "t.cache"
+        )
+    assert not list(tmp_path.iterdir())
+
+
 def test_without_tensorrt_the_build_says_so(tmp_path):
     try:
         import tensorrt  # noqa: F401

@@ -2,17 +2,35 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
 from embedseg_deploy import io
-from embedseg_deploy.io import InputError, read_tiff, to_channels_first, write_tiff_atomic
+from embedseg_deploy.io import (
+    InputError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    atomic_writer,
+    read_tiff,
+    sha256_file,
+    temp_file_beside,
+    tiff_files,
+    tiff_stem,
+    to_channels_first,
+    write_tiff_atomic,
+)
 
 
 def _image(shape, dtype, seed=0):
@@ -96,9 +114,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
 
 def test_written_file_has_normal_permissions(tmp_path):
     path = write_tiff_atomic(tmp_path / "a.tif", _image((8, 8), "uint8"))
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
 def test_write_rejects_bad_pixel_size_and_missing_folder(tmp_path):
@@ -107,6 +123,44 @@ def test_write_rejects_bad_pixel_size_and_missing_folder(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         write_tiff_atomic(tmp_path / "no" / "a.tif", _image((8, 8), "uint8"))
     assert list(tmp_path.iterdir()) == []
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_atomic_text_json_and_bytes(tmp_path):
+    text = atomic_write_text(tmp_path / "a.csv", "x,y\r\n1,2\n")
+    assert text.read_bytes() == b"x,y\r\n1,2\n"  # line endings as given, on every platform
+    doc = {"n": np.int64(3), "v": np.float32(0.5), "a": np.arange(2), "p": Path("x/y.tif")}
+    data = json.loads(atomic_write_json(tmp_path / "a.json", doc).read_text())
+    assert data == {"n": 3, "v": 0.5, "a": [0, 1], "p": str(Path("x/y.tif"))}
+    atomic_write_bytes(tmp_path / "a.json", b"new")  # replaces by default
+    assert (tmp_path / "a.json").read_bytes() == b"new"
+    with pytest.raises(FileExistsError, match=r"a\.json: exists"):
+        atomic_write_bytes(tmp_path / "a.json", b"other", overwrite=False)
+    with pytest.raises(FileNotFoundError, match=r"no/b\.txt: folder .* does not exist"):
+        atomic_write_text(tmp_path / "no" / "b.txt", "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "a.json"]
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert sha256_file(tmp_path / "a.json") == hashlib.sha256(b"new").hexdigest()
+
+
+def test_temp_file_beside_is_new_hidden_and_normally_readable(tmp_path):
+    a, b = temp_file_beside(tmp_path / "labels.tif", "u32"), temp_file_beside(tmp_path / "labels.tif", "u32")
+    assert a != b and a.parent == tmp_path and a.name.startswith(".labels.tif.") and a.suffix == ".u32"
+    assert a.stat().st_size == 0 and a.stat().st_mode & 0o777 == 0o666 & ~_umask()  # mkstemp: 0o600
+
+
+def test_atomic_writer_failure_keeps_the_old_file(tmp_path):
+    path = atomic_write_bytes(tmp_path / "m.bin", b"old")
+    with pytest.raises(RuntimeError, match="interrupted"), atomic_writer(path) as fh:
+        fh.write(b"half of the new")
+        assert path.read_bytes() == b"old"  # readers see the old file while it is written
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.bin"]
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -176,6 +230,22 @@ def test_truncated_tiff(tmp_path, write, keep):
         read_tiff(cut)
 
 
+def test_warnings_of_a_read_in_another_thread_are_not_blamed_on_this_file(tmp_path, monkeypatch):
+    path = write_tiff_atomic(tmp_path / "good.tif", _image((6, 16, 16), "uint16"), (2.0, 1.0, 1.0))
+    real = io.tifffile.TiffFile
+
+    def opened_while_another_thread_reads_a_broken_file(*args, **kwargs):
+        other = threading.Thread(
+            target=logging.getLogger("tifffile").warning, args=("<TiffFile 'x.tif'> invalid page offset 99",)
+        )
+        other.start()
+        other.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(io.tifffile, "TiffFile", opened_while_another_thread_reads_a_broken_file)
+    assert read_tiff(path).data.shape == (6, 16, 16)
+
+
 def test_unsupported_dtype(tmp_path):
     tifffile.imwrite(tmp_path / "c.tif", np.ones((4, 4), np.complex64))
     with pytest.raises(InputError, match=r"c\.tif: unsupported pixel type complex64"):
@@ -194,6 +264,27 @@ def test_empty_array(tmp_path):
         tifffile.imwrite(tmp_path / "e.tif", np.zeros((0, 5), np.uint8))
     with pytest.raises(InputError, match=r"e\.tif: .*(empty|no image)"):
         read_tiff(tmp_path / "e.tif")
+
+
+# ---------------------------------------------------------------------------------------------- folders
+
+
+def test_tiff_stem_and_folder_listing(tmp_path):
+    assert [tiff_stem(n) for n in ("a.tif", "b.TIFF", "c.ome.tif", "d.OME.TIFF", "e.x.tif", "f.png")] == [
+        "a",
+        "b",
+        "c",
+        "d",
+        "e.x",
+        "f",
+    ]
+    for name in ("b.tif", "a.ome.tiff", ".hidden.tif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "c.tif").mkdir()
+    assert tiff_files(tmp_path) == {"a": tmp_path / "a.ome.tiff", "b": tmp_path / "b.tif"}
+    (tmp_path / "a.tif").write_bytes(b"")
+    with pytest.raises(InputError, match=r"a\.tif: same name as .*a\.ome\.tiff.*keep one"):
+        tiff_files(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- channels
