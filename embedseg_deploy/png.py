@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .io import atomic_write_bytes
+
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
     return (
@@ -34,11 +36,7 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 def write_png(path: str | os.PathLike, rgb: np.ndarray) -> Path:
     """Write ``rgb`` as PNG atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(encode_png(rgb))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, encode_png(rgb))
 
 
 def label_colours(n: int, seed: int = 7) -> np.ndarray:

@@ -34,13 +34,20 @@ import numpy as np
 from . import __version__
 from .backends import Backend, create_backend
 from .contract import Contract, Thresholds
-from .io import InputError, atomic_write_json, read_tiff, tiff_stem, to_channels_first, write_tiff_atomic
+from .io import (
+    TIFF_SUFFIXES,
+    InputError,
+    atomic_write_json,
+    read_tiff,
+    tiff_stem,
+    to_channels_first,
+    write_tiff_atomic,
+)
 from .normalize import normalize
 from .tiling import pad_widths, predict_tiled
 from .tta import predict_tta
 
 PIXEL_SIZE_TOLERANCE = 0.05
-TIFF_SUFFIXES = (".tif", ".tiff")
 SUMMARY_NAME = "summary.json"
 SEEDS_FOLDER = "seeds"
 AUTO_BLOCK_BYTES = 4 * 2**30  # whole-image mode above this estimate switches to block mode

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from embedseg_deploy.contract import Contract, Normalization, spacing_from_upstream_grid
+from embedseg_deploy.io import sha256_file
 from embedseg_training.checkpoint import (
     CheckpointError,
     convert_upstream,
@@ -18,7 +19,6 @@ from embedseg_training.checkpoint import (
     load_checkpoint,
     load_model,
     save_checkpoint,
-    sha256_of,
     upstream_normalization,
 )
 from embedseg_training.cli import main
@@ -105,7 +105,7 @@ def test_upstream_import_gives_same_weights_and_correct_contract(tmp_path, ndim)
     assert contract.normalization == Normalization("percentile", pmin=1.0, pmax=99.8)
     assert contract.thresholds.seed_thresh == 0.9 and contract.thresholds.fg_thresh == 0.5
     assert contract.thresholds.min_object_size == int(props["min_object_size"]) == cfg["min_object_size"]
-    assert contract.provenance["source_sha256"] == sha256_of(case / "checkpoint.pth")
+    assert contract.provenance["source_sha256"] == sha256_file(case / "checkpoint.pth")
     assert contract.data_properties["foreground_weight"] == props["foreground_weight"]
     ck = load_checkpoint(out)
     assert ck["epoch"] == upstream["epoch"] and ck["best_iou"] == upstream["best_iou"]

@@ -14,11 +14,9 @@ from upstream's JSON files (``data_properties.json``, ``normalization.json``, op
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from embedseg_deploy.contract import (
     Thresholds,
     spacing_from_upstream_grid,
 )
+from embedseg_deploy.io import atomic_writer, sha256_file
 
 from . import __version__
 from .model import BranchedERFNet, build_model
@@ -54,14 +53,6 @@ def package_versions() -> dict[str, str]:
         "numpy": str(numpy.__version__),
         "python": platform.python_version(),
     }
-
-
-def sha256_of(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ save / load
@@ -104,14 +95,8 @@ def save_checkpoint(
     payload.update(extra or {})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        torch.save(payload, f)
     return path
 
 
@@ -418,7 +403,7 @@ def import_upstream(
     provenance = {
         "source": "upstream EmbedSeg",
         "source_file": source.name if source else None,
-        "source_sha256": sha256_of(source) if source else None,
+        "source_sha256": sha256_file(source) if source else None,
         "upstream_epoch": ckpt.get("epoch"),
         "upstream_best_iou": ckpt.get("best_iou"),
         "upstream_grid": grid,
