@@ -174,3 +174,58 @@ def test_cli_train_and_config_round_trip(data2d, tmp_path):
     assert log1[1] == log2[1]  # same settings, same seed: same train loss
     res = CliRunner().invoke(main, [str(tmp_path / "missing"), "--out", str(run2), "-q"])
     assert res.exit_code != 0 and "data folder not found" in res.output
+
+
+def test_epochs_in_budget_plans_the_epochs_that_fit():
+    from embedseg_training.train import epochs_in_budget
+
+    assert epochs_in_budget(100, 2, 20.0, [10.0, 10.0], 60.0) == 6  # 40 s left, 10 s per epoch
+    assert epochs_in_budget(100, 2, 20.0, [15.0, 5.0], 61.0) == 6  # the mean epoch time, not the last
+    assert epochs_in_budget(5, 2, 20.0, [10.0, 10.0], 600.0) == 5  # never beyond the configured epochs
+    assert epochs_in_budget(100, 3, 70.0, [20.0] * 3, 60.0) == 3  # over budget: stop, never below done
+    assert epochs_in_budget(100, 0, 5.0, [], 60.0) == 100  # nothing measured yet
+
+
+def test_time_budget_replans_the_poly_schedule_and_stops(data2d, tmp_path, monkeypatch):
+    import embedseg_training.train as train_module
+
+    calls, plans = [], iter([4, 20, 3])  # shrink, grow (lr held), then stop after 3 epochs
+
+    def scripted(max_epochs, done, elapsed_s, epoch_times_s, budget_s):
+        calls.append((max_epochs, done, elapsed_s, list(epoch_times_s), budget_s))
+        return next(plans)
+
+    monkeypatch.setattr(train_module, "epochs_in_budget", scripted)
+    result = train(
+        _tiny(data2d, tmp_path / "budget", epochs=50, crop_size=[32, 32], max_minutes=5), progress=False
+    )
+    assert result.epochs_done == 3 and result.stopped_by_budget
+    lr1 = poly_lr(5e-4, 1, 4)
+    assert [r["lr"] for r in result.log] == pytest.approx([5e-4, lr1, lr1])  # poly(2, 20) > lr1: held
+    assert [c[1] for c in calls] == [1, 2, 3] and all(c[0] == 50 and c[4] == 300.0 for c in calls)
+    assert all(len(c[3]) == c[1] and min(c[3]) > 0 and c[2] >= sum(c[3]) for c in calls)
+    assert load_checkpoint(result.last_checkpoint)["scheduler"]["n_epochs"] == 20  # the plan epoch 2 ran on
+    unbudgeted = train(_tiny(data2d, tmp_path / "free", crop_size=[32, 32]), progress=False)
+    assert not unbudgeted.stopped_by_budget and unbudgeted.epochs_done == 2
+    with pytest.raises(TrainError, match="max_minutes"):
+        train(_tiny(data2d, tmp_path / "bad", max_minutes=0), progress=False)
+
+
+def test_cli_time_budget_stops_a_run(data2d, tmp_path):
+    run = tmp_path / "cli-budget"
+    args = [
+        "--epochs",
+        "50",
+        "--batch-size",
+        "2",
+        "--iterations",
+        "1",
+        "--val-crops",
+        "2",
+        "--crop-size",
+        "32",
+    ]
+    res = CliRunner().invoke(main, [str(data2d), "--out", str(run), *args, "--max-minutes", "0.0001", "-q"])
+    assert res.exit_code == 0, res.output
+    assert "done: 1 epoch(s)" in res.output  # the first epoch alone outlasts a 6 ms budget
+    assert json.loads((run / "config.json").read_text())["max_minutes"] == 0.0001

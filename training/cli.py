@@ -146,6 +146,11 @@ def _ints(text: str | None) -> list[int] | None:
 @click.option("--pixel-size", help="Pixel size in array order, e.g. 2,0.5,0.5 [from the files].")
 @click.option("--foreground-weight", type=float, help="[2D 10, 3D #bg/#fg]")
 @click.option("--spacing", type=float, help="Embedding units per y/x pixel [1/(max(1024, image) - 1)].")
+@click.option(
+    "--max-minutes",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Wall-clock budget; the poly schedule runs over the epochs that fit [none].",
+)
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")
 def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pmax, divisor, resume, quiet,

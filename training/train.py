@@ -97,6 +97,7 @@ class TrainConfig:
     spacing: float | None = None  # embedding units per y/x pixel
     seed_thresh: float = 0.9
     fg_thresh: float = 0.5
+    max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -139,6 +140,7 @@ class RunResult:
     log: list[dict[str, Any]]
     config: TrainConfig
     contract: Contract
+    stopped_by_budget: bool = False  # max_minutes ended the run before config.epochs
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -147,6 +149,23 @@ class RunResult:
 def poly_lr(base_lr: float, epoch: int, n_epochs: int) -> float:
     """Upstream's poly schedule over the run's epochs: ``base * (1 - epoch / n_epochs) ** 0.9``."""
     return base_lr * max(0.0, 1.0 - epoch / max(n_epochs, 1)) ** POLY_POWER
+
+
+def epochs_in_budget(
+    max_epochs: int, done: int, elapsed_s: float, epoch_times_s: Sequence[float], budget_s: float
+) -> int:
+    """Epochs of a run with a time budget: ``done`` plus those expected to fit in the time left
+    (``budget_s - elapsed_s``), clamped to ``[done, max_epochs]``.
+
+    An epoch is expected to take this call's mean epoch time (train + val + checkpoints), so the plan
+    follows the machine's load both ways; a run can overshoot the budget by the excess of its last epoch
+    over the mean.
+    """
+    if not epoch_times_s:
+        return max_epochs
+    per_epoch = max(float(np.mean(epoch_times_s)), 1e-9)
+    fit = done + math.floor(max(budget_s - elapsed_s, 0.0) / per_epoch)
+    return max(done, min(max_epochs, fit))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -254,6 +273,8 @@ def _resolve(config: TrainConfig) -> _Setup:
     """Read the data, derive every unset value, build the datasets and the contract."""
     if config.epochs < 1:
         raise TrainError(f"epochs must be >= 1, got {config.epochs}")
+    if config.max_minutes is not None and not config.max_minutes > 0:
+        raise TrainError(f"max_minutes must be > 0, got {config.max_minutes}")
     data_dir = Path(config.data_dir)
     if not data_dir.is_dir():
         raise TrainError(
@@ -425,8 +446,13 @@ def train(
     continues from ``out/last.pth`` (or a given path) with its optimiser, schedule, RNG state and log.
 
     Writes ``config.json`` (resolved settings), ``best.pth``, ``last.pth``, ``log.csv`` and ``loss.png``
-    into ``config.out``.
+    into ``config.out``. With ``max_minutes`` the call stops before an epoch that is not expected to end
+    within that many minutes from its start: after every epoch the run is re-planned to the epochs
+    expected to fit (:func:`epochs_in_budget`), epoch e gets the poly lr over that plan and the lr never
+    rises (a plan that grows when the load drops holds the lr until the schedule catches up), so it falls
+    to ~0 at the end of the budget. Without ``max_minutes`` runs are deterministic.
     """
+    t_call = time.perf_counter()
     if isinstance(config, str | os.PathLike):
         config = TrainConfig.from_json_file(config)
     cfg = config if isinstance(config, TrainConfig) else TrainConfig.from_dict(config)
@@ -448,22 +474,29 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start, best_iou, best_epoch, log = 0, -math.inf, None, []
+    n_epochs = cfg.epochs  # the schedule's length; a time budget re-plans it after every epoch
     if resume:
         ck = _restore(run_dir / LAST if resume is True else Path(resume), model, opt, scaler, contract)
         start, best_iou, log = int(ck["epoch"]) + 1, float(ck["best_iou"]), list(ck["log"])
         best_epoch = ck.get("best_epoch")
+        if cfg.max_minutes is not None:  # a budgeted run goes on with its plan
+            n_epochs = min(n_epochs, int((ck.get("scheduler") or {}).get("n_epochs", n_epochs)))
 
     fg_weight = float(cfg.foreground_weight)
     train_loader = _loader(setup.train_ds, cfg.batch_size, True, cfg.workers, device)
     val_loader = _loader(setup.val_ds, cfg.batch_size, False, cfg.workers, device)
     provenance = {**contract.provenance, "config": cfg.to_dict(), "versions": package_versions()}
-    for epoch in range(start, cfg.epochs):
-        lr = poly_lr(cfg.lr, epoch, cfg.epochs)
+    epoch_times: list[float] = []
+    epoch = start
+    while epoch < n_epochs:
+        lr = poly_lr(cfg.lr, epoch, n_epochs)
+        if cfg.max_minutes is not None and log:  # a re-plan never raises the lr
+            lr = min(lr, float(log[-1]["lr"]))
         for group in opt.param_groups:
             group["lr"] = lr
         setup.train_ds.set_epoch(epoch)
         t_epoch = time.perf_counter()
-        bar = _Progress(progress, len(train_loader), f"epoch {epoch + 1}/{cfg.epochs}")
+        bar = _Progress(progress, len(train_loader), f"epoch {epoch + 1}/{n_epochs}")
         try:
             stats = _train_epoch(model, train_loader, opt, scaler, contract, fg_weight, device, use_amp, bar)
         finally:
@@ -476,7 +509,7 @@ def train(
         if improved:
             best_iou, best_epoch = val_iou, epoch
         contract.provenance = {**provenance, "epoch": epoch, "val_iou": val_iou}
-        schedule = {"kind": "poly", "power": POLY_POWER, "base_lr": cfg.lr, "n_epochs": cfg.epochs}
+        schedule = {"kind": "poly", "power": POLY_POWER, "base_lr": cfg.lr, "n_epochs": n_epochs}
         common = {
             "epoch": epoch,
             "best_iou": best_iou,
@@ -502,11 +535,16 @@ def train(
         write_plot(run_dir / PLOT, log)
         if progress:
             click.echo(
-                f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f}, "
+                f"epoch {epoch + 1}/{n_epochs}: train loss {row['train_loss']:.4f}, "
                 f"val loss {val_loss:.4f}, val IoU {val_iou:.4f}{' (best)' if improved else ''}, "
                 f"lr {lr:.2e}, {row['crops_per_s']:.1f} crops/s, data {100 * row['data_time_fraction']:.0f}%",
                 err=True,
             )
+        epoch_times.append(time.perf_counter() - t_epoch)
+        epoch += 1
+        if cfg.max_minutes is not None:
+            elapsed = time.perf_counter() - t_call
+            n_epochs = epochs_in_budget(cfg.epochs, epoch, elapsed, epoch_times, 60.0 * cfg.max_minutes)
     best = run_dir / BEST
     return RunResult(
         run_dir=run_dir,
@@ -518,4 +556,5 @@ def train(
         log=log,
         config=cfg,
         contract=contract,
+        stopped_by_budget=n_epochs < cfg.epochs,
     )
