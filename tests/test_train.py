@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -229,3 +230,20 @@ def test_cli_time_budget_stops_a_run(data2d, tmp_path):
     assert res.exit_code == 0, res.output
     assert "done: 1 epoch(s)" in res.output  # the first epoch alone outlasts a 6 ms budget
     assert json.loads((run / "config.json").read_text())["max_minutes"] == 0.0001
+
+
+def test_background_id_option_maps_that_value_to_background(tmp_path):
+    """Masks whose background is 1 (upstream's Arabidopsis data) train with --bg-id 1."""
+    import tifffile
+
+    from embedseg_deploy.synthetic import write_dataset
+    from embedseg_training.train import TrainConfig, _resolve
+
+    root = write_dataset(tmp_path / "data", ndim=2, n_train=2, n_val=1, n_test=0, shape=(64, 64), seed=3)
+    for mask in root.glob("*/masks/*.tif"):
+        labels = tifffile.imread(mask).astype(np.uint16)
+        tifffile.imwrite(mask, np.where(labels == 0, 1, labels + 1).astype(np.uint16))
+    shifted = _resolve(TrainConfig(data_dir=str(root), out=str(tmp_path / "run"), bg_id=1))
+    plain = _resolve(TrainConfig(data_dir=str(root), out=str(tmp_path / "run2")))
+    plain_max = plain.contract.data_properties["max_object_size"]  # background 1 read as one object
+    assert plain_max > 2 * shifted.contract.data_properties["max_object_size"]

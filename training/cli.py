@@ -134,6 +134,8 @@ def _ints(text: str | None) -> list[int] | None:
 @click.option("--seed", type=int, help="Seed of model init and crop sampling [0].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision on CUDA [on].")
 @click.option("--center", type=click.Choice(["medoid", "approximate-medoid", "centroid"]), help="[medoid]")
+@click.option("--bg-id", type=click.IntRange(min=0), help="Mask value of the background [0].")
+@click.option("--channel-axis", type=int, help="Channel axis of multi-channel images [from the files].")
 @click.option(
     "--norm",
     type=click.Choice(["percentile", "absolute", "mean-std", "none"]),

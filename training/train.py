@@ -90,6 +90,8 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # on CUDA only
     center: str = "medoid"
+    bg_id: int = 0  # mask value of the background (upstream's background_id)
+    channel_axis: int | None = None  # of multi-channel images; None: the one channel rule of io
     normalization: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(Normalization()))
     anisotropy: float | None = None
     pixel_size: list[float] | None = None
@@ -280,8 +282,9 @@ def _resolve(config: TrainConfig) -> _Setup:
         raise TrainError(
             f"{data_dir}: data folder not found (expected train/ and val/ with images/ + masks/)"
         )
-    train = load_split(data_dir, "train", ndim=config.ndim)
-    val = load_split(data_dir, "val", ndim=train[0].ndim, in_channels=train[0].in_channels)
+    split = {"channel_axis": config.channel_axis, "bg_id": config.bg_id}
+    train = load_split(data_dir, "train", ndim=config.ndim, **split)
+    val = load_split(data_dir, "val", ndim=train[0].ndim, in_channels=train[0].in_channels, **split)
     props = compute_properties(
         train + val,
         n_sigma=config.crop_n_sigma,
