@@ -70,6 +70,21 @@ def main() -> None:
     """Export EmbedSeg models: checkpoint -> ONNX (fp32/fp16) -> TensorRT engine, each verified."""
 
 
+def _tolerance(text: str | None, precision: str):
+    """``--tolerance PX,REL,ABS`` -> a Tolerance keeping the precision's label rule; None for the default."""
+    if text is None:
+        return None
+    from .verify import TOLERANCES, Tolerance
+
+    try:
+        px, rel, seed = (float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give three numbers, e.g. 1e-3,1e-4,1e-4") from None
+    if min(px, rel, seed) <= 0:
+        raise click.BadParameter(f"{text!r}: limits must be positive")
+    return Tolerance(px, rel, seed, TOLERANCES[precision].min_label_ap)
+
+
 @main.command("onnx")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
@@ -94,6 +109,11 @@ def main() -> None:
     "--verify-input", type=click.Path(path_type=Path, dir_okay=False), help="C x spatial .npy tile."
 )
 @click.option(
+    "--tolerance",
+    metavar="PX,REL,ABS",
+    help="Verification limits: offsets in pixels, sigma relative, seed absolute [fp32 1e-4,1e-4,1e-4].",
+)
+@click.option(
     "--report", type=click.Path(path_type=Path, dir_okay=False), help="Write the verification JSON."
 )
 @click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
@@ -108,11 +128,13 @@ def onnx_command(
     exporter,
     verify,
     verify_input,
+    tolerance,
     report,
     threads,
     force,
 ):
     """Export CHECKPOINT (ours, or upstream EmbedSeg with its JSON files) to an ONNX model."""
+    limits = _tolerance(tolerance, precision)
     if report is not None and not report.parent.is_dir():  # before the export, not after it
         raise click.ClickException(f"{report}: folder {report.parent} does not exist")
     try:
@@ -133,6 +155,7 @@ def onnx_command(
             precision=precision,
             keep_fp32=_keep(keep_fp32),
             verify=verify,
+            tolerance=limits,
         )
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None

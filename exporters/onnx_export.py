@@ -42,7 +42,7 @@ from embedseg_deploy.io import sha256_file
 
 from . import __version__
 from .fp16 import DEFAULT_KEEP, convert_to_fp16
-from .verify import TOLERANCES, Report, compare, ort_runner, standard_inputs
+from .verify import TOLERANCES, Report, Tolerance, compare, ort_runner, standard_inputs
 
 DEFAULT_OPSET = 17
 EXPORTERS = ("legacy", "dynamo")
@@ -191,11 +191,13 @@ def export_onnx(
     verify: bool = True,
     fixture: str | Path | None = None,
     source: dict[str, Any] | None = None,
+    tolerance: Tolerance | None = None,
 ) -> Exported:
     """Export ``model`` (a BranchedERFNet) with ``contract`` embedded; verify unless ``verify=False``.
 
     ``precision="fp16"`` converts the exported graph (:func:`.fp16.convert_to_fp16`, ``keep_fp32``)
-    and verifies it against the fp32 torch model with the fp16 tolerance.
+    and verifies it against the fp32 torch model with the fp16 tolerance. ``tolerance`` replaces the
+    precision's default limits (:data:`.verify.TOLERANCES`).
     """
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be fp32 or fp16, got {precision!r}")
@@ -232,7 +234,7 @@ def export_onnx(
 
     report = None
     if verify:
-        report = verify_against_torch(proto, model, contract, precision, fixture)
+        report = verify_against_torch(proto, model, contract, precision, fixture, tolerance)
         report.raise_if_failed()
         export_facts["verification"] = {"passed": report.passed, "max_errors": report.max_errors()}
         set_contract(proto, contract)
@@ -240,7 +242,12 @@ def export_onnx(
 
 
 def verify_against_torch(
-    proto: onnx.ModelProto, model: torch.nn.Module, contract: Contract, precision: str, fixture=None
+    proto: onnx.ModelProto,
+    model: torch.nn.Module,
+    contract: Contract,
+    precision: str,
+    fixture=None,
+    tolerance: Tolerance | None = None,
 ) -> Report:
     """ONNX Runtime CPU vs the torch model on the fixture tile and two random tiles."""
     test = ort_runner(proto.SerializeToString(), optimize=precision == "fp32")
@@ -250,9 +257,8 @@ def verify_against_torch(
             return model(torch.from_numpy(x)).numpy()
 
     inputs = standard_inputs(contract, fixture)
-    report = compare(
-        test, reference, contract, inputs, TOLERANCES[precision], (f"onnx-{precision}", "torch-fp32")
-    )
+    limits = tolerance or TOLERANCES[precision]
+    report = compare(test, reference, contract, inputs, limits, (f"onnx-{precision}", "torch-fp32"))
     if precision == "fp16":
         report.notes.append("ONNX Runtime CPU without graph optimisation: every fp16 cast kept, as on a GPU")
     return report

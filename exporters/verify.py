@@ -247,7 +247,11 @@ class Report:
 
     def raise_if_failed(self) -> None:
         if not self.passed:
-            raise VerificationError("\n".join(self.lines()))
+            hint = (
+                "If only the raw-output limits are exceeded and the labels agree, the difference is float"
+                " rounding between the two runtimes: relax the limits (embedseg-export onnx --tolerance PX,REL,ABS)."
+            )
+            raise VerificationError("\n".join([*self.lines(), hint]))
 
 
 def compare(

@@ -146,3 +146,14 @@ def test_bad_option_values():
         "onnx", our_checkpoint(2), "-o", "x.onnx", "--precision", "fp16", "--keep-fp32", "heads,tail"
     )
     assert result.exit_code == 2 and "tail" in result.output
+
+
+def test_tolerance_option_sets_the_verification_limits(tmp_path):
+    ckpt, out = our_checkpoint(2), tmp_path / "m.onnx"
+    strict = run("onnx", ckpt, "-o", out, "--tolerance", "1e-12,1e-12,1e-12", "--threads", "1")
+    fails(strict, "--tolerance PX,REL,ABS")  # rounding noise exceeds 1e-12: refused, with the way out
+    assert not out.exists()
+    loose = run("onnx", ckpt, "-o", out, "--tolerance", "1e-2,1e-3,1e-3", "--threads", "1")
+    assert loose.exit_code == 0, loose.output
+    usage = run("onnx", ckpt, "-o", out, "--tolerance", "1e-3,1e-3", "--force")
+    assert usage.exit_code == 2 and "three numbers" in usage.output
