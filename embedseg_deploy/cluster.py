@@ -15,7 +15,13 @@ Upstream evaluates ``phi`` for every foreground pixel for every seed. Here ``phi
 ``sum_d (e_d - c_d)^2 exp(10 s_d) < ln 2``, which bounds ``|e_d - c_d| < sqrt(ln 2 / exp(10 s_d))`` on
 every axis, so the foreground embeddings are bucketed once in a uniform grid (a counting sort) and each
 seed visits only the cells its box touches. Sorting the seed candidates once by (seediness desc, index)
-replaces the repeated argmax. The proposal test itself is upstream's, term by term in float32.
+replaces the repeated argmax (a stable LSD radix sort of the float32 bits). The proposal test itself is
+upstream's, term by term in float32. The kernels are serial: the greedy loop is sequential, and
+``parallel=True`` on the per-pixel stages (about half of the time) halved them when the second core was
+idle but made them 2.5-6x slower when other processes loaded the cores (benchmarks/bench_cluster.py
+measures it), so the clustering leaves the other cores to the network's threads. ``cache=True`` keeps
+compilation to the first run; :func:`warm_up` loads or compiles the kernels ahead (e.g. in a background
+thread).
 
 Exactness, decided and tested (tests/test_cluster.py):
 
@@ -35,8 +41,9 @@ differences of embeddings enter the clustering, so the kernels use ``p - origin`
 ``raw``). That keeps float32 embeddings as precise as upstream's (coordinates below ``shape * spacing``)
 wherever the array sits in a large image, and makes the labels exactly independent of ``origin``; global
 float32 coordinates would add a rounding error growing with the offset (~6e-8 px per px: 0.006 px at
-100 000 px) and origin-dependent borderline pixels. ``origin`` only shifts the returned seed positions. ``coords`` gives explicit per-axis coordinate
-vectors instead (upstream's ``torch.linspace`` grid for parity tests).
+100 000 px) and origin-dependent borderline pixels. ``origin`` only shifts the returned seed positions.
+``coords`` gives explicit per-axis coordinate vectors instead (upstream's ``torch.linspace`` grid, for
+the parity tests).
 """
 
 from __future__ import annotations
@@ -148,9 +155,9 @@ def _radix_order(keys: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """``ids`` stably sorted by ``keys`` (uint32, ascending): LSD radix sort with 11-bit digits."""
     a_k, a_i = keys.copy(), ids.copy()
     b_k, b_i = np.empty_like(a_k), np.empty_like(a_i)
-    top = a_k.max() if a_k.size else 0
+    top = np.int64(a_k.max()) if a_k.size else np.int64(0)
     shift = 0
-    while shift == 0 or top >> shift:
+    while shift == 0 or top >> shift > 0:
         start = np.zeros(2049, np.int64)
         for k in range(a_k.size):
             start[((a_k[k] >> shift) & 0x7FF) + 1] += 1

@@ -87,24 +87,23 @@ def _k_foreground(q, q_floor, fg_thresh, seed, flag):
 
 @cuda.jit
 def _k_block_scan(x, out, sums):
-    """Exclusive scan inside each block (Hillis-Steele in shared memory); block totals to ``sums``."""
+    """Exclusive scan inside each block (its values staged in shared memory and summed up by one thread:
+    two barriers instead of a tree's 2 log2(threads)); block totals to ``sums``."""
     buf = cuda.shared.array(MAX_THREADS, int64)
     tid = cuda.threadIdx.x
     i = cuda.grid(1)
     v = np.int64(x[i]) if i < x.size else np.int64(0)
     buf[tid] = v
     cuda.syncthreads()
-    step = 1
-    while step < cuda.blockDim.x:
-        add = buf[tid - step] if tid >= step else np.int64(0)
-        cuda.syncthreads()
-        buf[tid] += add
-        cuda.syncthreads()
-        step *= 2
+    if tid == 0:
+        total = np.int64(0)
+        for k in range(cuda.blockDim.x):
+            total += buf[k]
+            buf[k] = total
+        sums[cuda.blockIdx.x] = total
+    cuda.syncthreads()
     if i < x.size:
         out[i] = buf[tid] - v
-    if tid == cuda.blockDim.x - 1:
-        sums[cuda.blockIdx.x] = buf[tid]
 
 
 @cuda.jit
@@ -341,8 +340,8 @@ def cluster_cuda(
     device array with ``to_host=False``; seeds (``return_seeds``) always on the host. ``threads``: block
     size (small blocks keep the CUDA simulator fast).
     """
-    if not 32 <= threads <= MAX_THREADS or threads & (threads - 1):
-        raise ValueError(f"threads must be a power of two in [32, {MAX_THREADS}], got {threads}")
+    if not 32 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be in [32, {MAX_THREADS}] (a warp at least), got {threads}")
     d_raw = _as_device(raw)
     ndim = check_raw_shape(d_raw.shape, spacing)
     check_params(fg_thresh, origin, ndim)

@@ -7,6 +7,8 @@ The float32 arithmetic follows upstream's torch ops one by one. The transcendent
 computed in float64 and rounded to float32 (correctly rounded, hence the same in every implementation);
 ``activations`` lets a test pass other values (e.g. torch's) for tanh(offsets), exp(10 sigma) and the
 seediness.
+
+Also here: synthetic raw outputs shared by the clustering tests and benchmarks/bench_cluster.py.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from embedseg_deploy.cluster import PHI_BOUND, cluster, cluster_from_contract, warm_up
+from embedseg_deploy.cluster import PHI_BOUND, _radix_order, cluster, cluster_from_contract, warm_up
 from embedseg_deploy.contract import Contract, Thresholds
 
 from ._cluster_reference import (
@@ -33,10 +33,28 @@ CASES = {
 }
 
 
+def load_case(case: str) -> tuple[dict, np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(parameters, network output, upstream labels, upstream's grid vectors: torch.linspace values)."""
+    torch = pytest.importorskip("torch")
+    folder = upstream_case(int(case[0]))
+    spec = CASES[case]
+    raw = np.load(folder / "network_output.npy")
+    want = tifffile.imread(folder / "upstream_labels_from_output.tif").astype(np.int32)
+    grid = zip(spec["grid"], raw.shape[1:], strict=True)
+    coords = [torch.linspace(0, l, n).numpy()[:s] for (n, l), s in grid]
+    return spec, raw, want, coords
+
+
 def test_phi_bound_is_float32_phi_half() -> None:
     below = np.nextafter(PHI_BOUND, np.float32(0))
     assert np.float32(np.exp(-np.float64(below))) > 0.5
     assert not np.float32(np.exp(-np.float64(PHI_BOUND))) > 0.5
+
+
+@pytest.mark.parametrize("top", [5, 3000, 2**21, 2**30])  # one, two and three 11-bit digits
+def test_radix_order_is_a_stable_sort(top: int) -> None:
+    keys = np.random.default_rng(top).integers(0, top, 3000).astype(np.uint32)
+    assert np.array_equal(_radix_order(keys, np.arange(3000)), np.argsort(keys, kind="stable"))
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -48,12 +66,8 @@ def test_upstream_fixture_parity(case: str) -> None:
     0.1-7 % of the entries, which can move a phi that lies within float32 rounding of 0.5 across it.
     (None do on these fixtures: the labels are identical.)
     """
-    torch = pytest.importorskip("torch")
-    spec = CASES[case]
-    raw = np.load(upstream_case(int(case[0])) / "network_output.npy")
-    want = tifffile.imread(upstream_case(int(case[0])) / "upstream_labels_from_output.tif").astype(np.int32)
+    spec, raw, want, coords = load_case(case)
     shape = raw.shape[1:]
-    coords = [torch.linspace(0, l, n).numpy()[:s] for (n, l), s in zip(spec["grid"], shape, strict=True)]
     spacing = [l / (n - 1) for n, l in spec["grid"]]
     labels, seeds = cluster(
         raw, spacing, min_object_size=spec["min_object_size"], coords=coords, return_seeds=True
@@ -97,10 +111,9 @@ def test_seed_order_matches_torch_sigmoid(case: str) -> None:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_reference_is_upstream_with_torch_activations(case: str) -> None:
     """The numpy reference, fed torch's activations, gives upstream's labels: it is a faithful restatement."""
-    torch = pytest.importorskip("torch")
-    spec = CASES[case]
-    raw = np.load(upstream_case(int(case[0])) / "network_output.npy")
-    want = tifffile.imread(upstream_case(int(case[0])) / "upstream_labels_from_output.tif").astype(np.int32)
+    import torch
+
+    spec, raw, want, coords = load_case(case)
     ndim = raw.ndim - 1
     t = torch.from_numpy(raw)
     acts = (
@@ -108,9 +121,6 @@ def test_reference_is_upstream_with_torch_activations(case: str) -> None:
         torch.exp(t[ndim : 2 * ndim] * 10).numpy(),
         torch.sigmoid(t[-1]).numpy(),
     )
-    coords = [
-        torch.linspace(0, l, n).numpy()[:s] for (n, l), s in zip(spec["grid"], raw.shape[1:], strict=True)
-    ]
     labels = cluster_reference(raw, coords, min_object_size=spec["min_object_size"], acts=acts)
     assert np.array_equal(labels[spec["unpad"]], want)
 

@@ -27,9 +27,9 @@ from tests._cluster_reference import ideal_output, random_output, two_overlappin
 
 assert SIMULATOR
 rng = np.random.default_rng(7)
-cases = [
-    (ideal_output((16, 20), 2, 3.0, spacing=0.05, rng=1)[0], dict(min_object_size=5)),
-    (ideal_output((8, 16, 8), 2, 2.5, spacing=0.05, rng=2)[0], dict(min_object_size=5)),
+cases = [  # (raw, spacing, parameters)
+    (ideal_output((16, 20), 2, 3.0, spacing=0.05, rng=1)[0], 0.05, dict(min_object_size=5)),
+    (ideal_output((8, 16, 8), 2, 2.5, spacing=0.05, rng=2)[0], 0.05, dict(min_object_size=5)),
 ]
 for ndim, size in [(2, 12), (2, 12), (2, 9), (3, 6), (3, 6)]:
     for _ in range(100):  # random outputs with at least two objects (checked on the CPU)
@@ -43,14 +43,14 @@ for ndim, size in [(2, 12), (2, 12), (2, 9), (3, 6), (3, 6)]:
         raw = random_output(rng, ndim, shape)
         if cluster(raw, [0.05] * ndim, **params).max() >= 2:
             break
-    cases.append((raw, params))
+    cases.append((raw, 0.05, params))
 # the strict limits at their boundaries (tests/test_cluster.py::test_overlap_and_strict_limits)
 for mos, mus, mms in [(19, 0, 0), (19, 14, 0), (19, 15, 0), (20, 0, 0), (19, 0, 35)]:
     limits = dict(min_object_size=mos, min_unclustered_sum=mus, min_mask_sum=mms)
-    cases.append((two_overlapping_objects(), limits))
+    cases.append((two_overlapping_objects(), 0.01, limits))
 results = []
-for raw, params in cases:
-    spacing = [0.05] * (raw.ndim - 1)
+for raw, step, params in cases:
+    spacing = [step] * (raw.ndim - 1)
     want, want_seeds = cluster(raw, spacing, return_seeds=True, **params)
     got, got_seeds = cluster_cuda(raw, spacing, return_seeds=True, threads=32, **params)
     results.append(dict(
@@ -131,7 +131,8 @@ def test_simulator_gives_the_cpu_labels() -> None:
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert all(r["same"] for r in results), results
     assert all(r["dtype"] == "int32" for r in results)
-    assert sum(r["labels"] >= 2 for r in results) >= 10, results  # the cases are not trivial
+    assert [r["labels"] for r in results[-6:-1]] == [2, 2, 1, 0, 0]  # two_overlapping_objects' limits
+    assert all(r["labels"] >= 2 for r in results[:7] + results[-1:]), results  # the cases are not trivial
 
 
 def test_kernels_compile_to_ptx() -> None:
