@@ -249,7 +249,8 @@ class Report:
         if not self.passed:
             hint = (
                 "If only the raw-output limits are exceeded and the labels agree, the difference is float"
-                " rounding between the two runtimes: relax the limits (embedseg-export onnx --tolerance PX,REL,ABS)."
+                " rounding between the two runtimes: relax the limits"
+                " (embedseg-export onnx --tolerance PX,REL,ABS)."
             )
             raise VerificationError("\n".join([*self.lines(), hint]))
 

@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-UPSTREAM = Path(os.environ.get("EMBEDSEG_FIXTURES", REPO.parent / "shared" / "fixtures" / "upstream"))
+
+
+def _find_upstream_fixtures() -> Path:
+    """The upstream EmbedSeg fixtures: $EMBEDSEG_FIXTURES, else shared/ beside the checkout or under /work."""
+    if os.environ.get("EMBEDSEG_FIXTURES"):
+        return Path(os.environ["EMBEDSEG_FIXTURES"])
+    candidates = [REPO.parent / "shared" / "fixtures" / "upstream", Path("/work/shared/fixtures/upstream")]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+UPSTREAM = _find_upstream_fixtures()
 
 # Blocks `import torch` (and anything under it) in a child interpreter: proves the runtime needs no torch.
 TORCH_BLOCKER = textwrap.dedent(
@@ -40,7 +50,9 @@ def upstream_dir(request) -> Path:
     return upstream_case(request.param)
 
 
-def run_without_torch(code: str, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_without_torch(
+    code: str, *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run Python ``code`` in a child process where importing torch fails."""
     return subprocess.run(
         [sys.executable, "-c", TORCH_BLOCKER + "\n" + textwrap.dedent(code), *args],

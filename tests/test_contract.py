@@ -26,7 +26,7 @@ def test_upstream_grid_spacing_matches_linspace():
     # upstream builds linspace(0, l, n): one pixel is l / (n - 1) units; 3D z spacing = anisotropy/(n_x - 1)
     n_z, n_y, n_x, aniso = 32, 96, 96, 2.0
     l_z = (n_z - 1) / (n_x - 1) * aniso
-    sz, sy, sx = spacing_from_upstream_grid(3, [n_z, n_y, n_x], [l_z, 1, 1])
+    sz, _sy, sx = spacing_from_upstream_grid(3, [n_z, n_y, n_x], [l_z, 1, 1])
     assert sx == pytest.approx(np.linspace(0, 1, n_x)[1])
     assert sz == pytest.approx(np.linspace(0, l_z, n_z)[1])
     assert sz == pytest.approx(aniso / (n_x - 1))
@@ -46,7 +46,12 @@ def test_axis_convention():
         ({"format": 1, "ndim": 2, "spacing": [1, -1]}, "spacing needs 2"),
         ({"format": 1, "ndim": 2, "spacing": [1, 1], "bogus": 1}, "malformed contract"),
         (
-            {"format": 1, "ndim": 2, "spacing": [1, 1], "tile": {"cpu": {"size": [100, 100], "halo": [8, 8]}}},
+            {
+                "format": 1,
+                "ndim": 2,
+                "spacing": [1, 1],
+                "tile": {"cpu": {"size": [100, 100], "halo": [8, 8]}},
+            },
             "multiples of 8",
         ),
         ({"format": 1, "ndim": 2, "spacing": [1, 1], "normalization": {"kind": "absolute"}}, "divisor"),

@@ -28,7 +28,9 @@ from embedseg_training.data import (
     worker_init_fn,
 )
 
-FIXTURES = Path("/work/shared/fixtures/upstream")
+from .conftest import UPSTREAM
+
+FIXTURES = UPSTREAM
 
 
 def _write(path: Path, array, pixel_size=None) -> Path:

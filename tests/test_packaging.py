@@ -18,7 +18,17 @@ from .conftest import REPO, run_without_torch
 @pytest.mark.slow
 def test_wheel_top_level_names_are_embedseg_prefixed(tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -30,9 +40,11 @@ def test_wheel_top_level_names_are_embedseg_prefixed(tmp_path: Path):
     assert top == {"embedseg_deploy", "embedseg_training", "embedseg_exporters"}, top
     # the folders' modules are really inside (not an empty mapping)
     assert "embedseg_training/__init__.py" in names and "embedseg_exporters/__init__.py" in names
-    entry_points = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    ).decode()
+    entry_points = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith(".dist-info/entry_points.txt")))
+        .decode()
+    )
     for script in ("embedseg-run", "embedseg-train", "embedseg-export"):
         assert script in entry_points
 
@@ -44,7 +56,12 @@ def test_every_runtime_module_imports_without_torch():
         if not m.name.startswith("embedseg_deploy.backends.torch")
     ]
     assert len(modules) >= 2
-    code = "import importlib, sys\nfor m in sys.argv[1:]:\n    importlib.import_module(m)\nprint('ok', len(sys.argv) - 1)"
+    code = (
+        "import importlib, sys\n"
+        "for m in sys.argv[1:]:\n"
+        "    importlib.import_module(m)\n"
+        "print('ok', len(sys.argv) - 1)"
+    )
     proc = run_without_torch(code, *modules)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == f"ok {len(modules)}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from itertools import product
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,9 @@ from embedseg_deploy.tiling import (
     reflect_indices,
 )
 
-FIXTURES = Path("/work/shared/fixtures/upstream")
+from .conftest import UPSTREAM
+
+FIXTURES = UPSTREAM
 SETTINGS = settings(max_examples=100, deadline=None)
 
 
