@@ -365,7 +365,7 @@ def open_targets(
                 )
                 predictor = Predictor(backend, tile=tile, halo=halo, batch_size=batch_size, threads=threads)
                 built = time.perf_counter() - t0
-            except (BackendError, ValueError, OSError) as exc:
+            except (RuntimeError, ValueError, OSError, ImportError) as exc:  # BackendError, EngineError, ...
                 skipped.append(
                     {
                         "backend": label,
