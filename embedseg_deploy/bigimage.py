@@ -38,8 +38,9 @@ import numpy as np
 import tifffile
 
 from .contract import Normalization
-from .io import InputError, temp_file_beside, tiff_pixel_size, tiff_write_args, to_channels_first
-from .normalize import EPS
+from .io import InputError, channel_axis_of, temp_file_beside, tiff_pixel_size, tiff_write_args
+from .normalize import scale
+from .predict import check_pixel_size, label_dtype, output_pixel_size, per_axis, round_up
 from .tiling import pad_widths, reflect_indices
 
 if TYPE_CHECKING:
@@ -155,20 +156,6 @@ class LazyImage:
         return out
 
 
-def channel_axis_of(
-    shape: Sequence[int], ndim: int, in_channels: int, channel_axis: int | None, axes: str | None, path: Any
-) -> int | None:
-    """The file axis holding channels by the one channel rule (None: no channel axis), from the shape only."""
-    if len(shape) == ndim:
-        return None
-    # A zero-byte view with distinct strides: to_channels_first only moves axes, so the stride that
-    # ends up first tells which axis it chose.
-    strides = tuple(8 * (i + 1) for i in range(len(shape)))
-    dummy = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), shape=tuple(shape), strides=strides)
-    moved = to_channels_first(dummy, ndim, in_channels, channel_axis, path=path, axes=axes)
-    return strides.index(moved.strides[0])
-
-
 def percentiles_from_histogram(counts: np.ndarray, values: np.ndarray, q: Sequence[float]) -> list[float]:
     """np.percentile (linear method) of the data whose sorted distinct ``values`` occur ``counts`` times.
 
@@ -260,22 +247,11 @@ def _check_finite(v: np.ndarray, path: Path) -> None:
 def apply_norm(
     x: np.ndarray, norm: Normalization, stats: tuple[np.ndarray, np.ndarray] | None, path: Any = "?"
 ) -> np.ndarray:
-    """Normalise ``x`` (C, *spatial) with global statistics, by the formulas of embedseg_deploy.normalize."""
+    """Normalise ``x`` (C, *spatial) with the whole image's statistics (per channel, shaped (C,))."""
     x = x.astype(np.float64, copy=False)
     _check_finite(x, path)
-    if norm.kind == "none":
-        return x.astype(np.float32)
-    if norm.kind == "absolute":
-        return (x / float(norm.divisor)).astype(np.float32)
-    assert stats is not None
     shape = (-1,) + (1,) * (x.ndim - 1)
-    a, b = (np.asarray(s, np.float64).reshape(shape) for s in stats)
-    if norm.kind == "percentile":
-        out = (x - a) / (b - a + EPS)
-        if norm.clip:
-            out = np.clip(out, 0.0, 1.0)
-        return out.astype(np.float32)
-    return ((x - a) / (b + EPS)).astype(np.float32)
+    return scale(x, norm, stats and tuple(np.asarray(s, np.float64).reshape(shape) for s in stats))
 
 
 def plan_blocks(
@@ -314,14 +290,6 @@ def _read_region(
     return data[(slice(None), *np.ix_(*local))]
 
 
-def _seed_positions(seeds: Any, n: int, ndim: int) -> np.ndarray:
-    """Seed pixel of each label 1..n as an (n, ndim) int array (the cluster module's return_seeds)."""
-    arr = np.asarray(seeds)
-    if arr.ndim == 2 and arr.shape == (n, ndim):
-        return arr.astype(np.int64)
-    raise ValueError(f"unexpected seed positions from cluster(): shape {arr.shape}, expected ({n}, {ndim})")
-
-
 def predict_big(
     predictor: Predictor,
     input_path: str | os.PathLike,
@@ -332,21 +300,20 @@ def predict_big(
     progress: Any = None,
 ) -> BigResult:
     """Segment ``input_path`` block by block into ``output_path`` (written atomically)."""
-    from .predict import check_pixel_size, label_dtype, round_up
-
     c = predictor.contract
     m = c.tile_multiple
     lazy = LazyImage(input_path)
-    caxis = channel_axis_of(lazy.shape, c.ndim, c.in_channels, channel_axis, lazy.axes, lazy.path)
+    output_path = Path(output_path)
+    if output_path.resolve() == lazy.path.resolve():
+        raise InputError(f"{lazy.path}: the output would overwrite the input; choose another output path")
+    caxis = channel_axis_of(lazy.shape, c.ndim, c.in_channels, channel_axis, lazy.path, lazy.axes)
     spatial = tuple(s for i, s in enumerate(lazy.shape) if i != caxis)
-    if caxis is not None and lazy.shape[caxis] != c.in_channels:
-        raise InputError(
-            f"{lazy.path}: image has {lazy.shape[caxis]} channels, the model takes {c.in_channels}"
-        )
-    halo_v = round_up(_per_axis(block_halo, c.ndim) or predictor.halo, m)
+    if caxis is None and c.in_channels != 1:
+        raise InputError(f"{lazy.path}: image has 1 channel(s), the model takes {c.in_channels}")
+    halo_v = round_up(per_axis(block_halo, c.ndim, "block halo") or predictor.halo, m)
     tile = predictor.tile or c.recommended_tile(predictor.backend.kind)[0]
     default_block = [max(m, t - 2 * h) for t, h in zip(tile, halo_v, strict=True)]
-    block_v = round_up(_per_axis(block, c.ndim) or default_block, m)
+    block_v = round_up(per_axis(block, c.ndim, "block") or default_block, m)
     notes = []
     warn = check_pixel_size(lazy.pixel_size, c, f"{lazy.path}: ")
     if warn:
@@ -357,9 +324,8 @@ def predict_big(
     t0 = _tick(timings, "statistics", t0)
     before = [b for b, _ in pad_widths(spatial, m, c.padding)]
     plan = plan_blocks(spatial, block_v, halo_v, m, c.padding)
-    output_path = Path(output_path)
-    px = lazy.pixel_size if lazy.pixel_size is not None and len(lazy.pixel_size) == c.ndim else None
-    tmp32 = _temp_name(output_path, "u32")
+    px = output_pixel_size(lazy.pixel_size, c.ndim)
+    tmp32 = temp_file_beside(output_path, "u32.tmp")
     next_id = 0
     try:
         _create_memmap(tmp32, spatial, np.uint32, px)
@@ -373,18 +339,13 @@ def predict_big(
             # cluster the image part only: mirrored objects in the rounding padding are not objects
             inside, local = _inside(region, before, spatial)
             origin = [sl.start + b for sl, b in zip(inside, before, strict=True)]  # padded coordinates
-            raw = np.ascontiguousarray(raw[(slice(None), *local)])
-            labels, seeds = predictor.cluster(raw, origin, return_seeds=True)
+            labels, seeds = predictor.cluster(raw[(slice(None), *local)], origin, return_seeds=True)
             del raw, x
-            labels = np.asarray(labels)
-            n = int(labels.max()) if labels.size else 0
-            lut = np.zeros(n + 1, np.int32)
-            if n:
-                pos = _seed_positions(seeds, n, c.ndim)  # global (padded) indices: origin = region start
-                in_core = [(pos[:, d] >= core[d].start) & (pos[:, d] < core[d].stop) for d in range(c.ndim)]
-                present = np.bincount(labels.ravel(), minlength=n + 1)[1:] > 0
-                kept = np.flatnonzero(np.all(in_core, axis=0) & present) + 1
-                lut[kept] = np.arange(1, kept.size + 1)
+            # keep the objects whose seed (row k - 1 for label k, padded coordinates) is in this core
+            starts, stops = [sl.start for sl in core], [sl.stop for sl in core]
+            kept = np.all((seeds >= starts) & (seeds < stops), axis=1)
+            lut = np.zeros(len(seeds) + 1, np.int32)
+            lut[1:][kept] = np.arange(1, int(kept.sum()) + 1)
             t0 = _tick(timings, "cluster", t0)
             next_id += _write_block(tmp32, lut[labels], inside, next_id)
             t0 = _tick(timings, "write", t0)
@@ -392,7 +353,7 @@ def predict_big(
                 progress(done, len(plan))
         dtype = label_dtype(next_id)
         if dtype != np.uint32:
-            tmp16 = _temp_name(output_path, "u16")
+            tmp16 = temp_file_beside(output_path, "u16.tmp")
             try:
                 _convert(tmp32, tmp16, spatial, dtype, px)
             except BaseException:
@@ -410,24 +371,10 @@ def predict_big(
     return BigResult(next_id, spatial, np.dtype(label_dtype(next_id)), len(plan), timings, notes)
 
 
-def _per_axis(value: int | Sequence[int] | None, ndim: int) -> list[int] | None:
-    if value is None:
-        return None
-    values = [int(value)] * ndim if isinstance(value, int | np.integer) else [int(v) for v in value]
-    values = values * ndim if len(values) == 1 else values
-    if len(values) != ndim or any(v < 0 for v in values):
-        raise ValueError(f"block sizes need 1 or {ndim} values (array order), got {value}")
-    return values
-
-
 def _tick(timings: dict[str, float], key: str, since: float) -> float:
     now = time.perf_counter()
     timings[key] = timings.get(key, 0.0) + now - since
     return now
-
-
-def _temp_name(final: Path, tag: str) -> Path:
-    return temp_file_beside(final, f"{tag}.tmp")
 
 
 def _create_memmap(path: Path, shape: Sequence[int], dtype: Any, pixel_size: Sequence[float] | None) -> None:

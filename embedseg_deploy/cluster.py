@@ -55,7 +55,15 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["PHI_BOUND", "cluster", "cluster_cuda", "cluster_from_contract", "on_gpu", "warm_up"]
+__all__ = [
+    "PHI_BOUND",
+    "cluster",
+    "cluster_cuda",
+    "cluster_from_contract",
+    "on_gpu",
+    "seediness_map",
+    "warm_up",
+]
 
 F32 = np.float32
 
@@ -102,6 +110,20 @@ def tanh32(o: np.float32) -> np.float32:
     a = abs(np.float64(o))
     e = math.expm1(2.0 * min(a, 20.0))  # tanh(20) rounds to 1.0 in float32 and in float64
     return np.float32(math.copysign(e / (e + 2.0), o))
+
+
+@_jit
+def _seediness_flat(q: np.ndarray) -> np.ndarray:
+    out = np.empty_like(q)
+    for i in range(q.size):
+        out[i] = seediness(q[i])
+    return out
+
+
+def seediness_map(seed_logits: np.ndarray) -> np.ndarray:
+    """Seediness (float32) of every pixel, bit for bit the values the clustering thresholds."""
+    q = np.ascontiguousarray(seed_logits, dtype=F32)
+    return _seediness_flat(q.ravel()).reshape(q.shape)
 
 
 @_jit
@@ -482,16 +504,7 @@ def cluster_cuda(raw: Any, spacing: Sequence[float], **kwargs: Any) -> Any:
 
 def cluster_from_contract(raw: Any, contract: Any, **overrides: Any) -> Any:
     """:func:`cluster` with the spacing and default thresholds of a model contract; keywords override."""
-    t = contract.thresholds
-    params = {
-        "seed_thresh": t.seed_thresh,
-        "fg_thresh": t.fg_thresh,
-        "min_object_size": t.min_object_size,
-        "min_mask_sum": t.min_mask_sum,
-        "min_unclustered_sum": t.min_unclustered_sum,
-    }
-    params.update(overrides)
-    return cluster(raw, contract.spacing, **params)
+    return cluster(raw, contract.spacing, **{**vars(contract.thresholds), **overrides})
 
 
 def warm_up() -> None:

@@ -259,25 +259,39 @@ def to_channels_first(
 
     Returns a view when possible; the input is never modified.
     """
-    where = f"{path}: " if path is not None else ""
     data = np.asarray(data)
-    if data.ndim == ndim:
-        return data[np.newaxis]
-    if data.ndim != ndim + 1:
+    axis = channel_axis_of(data.shape, ndim, in_channels, channel_axis, path, axes)
+    return data[np.newaxis] if axis is None else np.moveaxis(data, axis, 0)
+
+
+def channel_axis_of(
+    shape: Sequence[int],
+    ndim: int,
+    in_channels: int | None = None,
+    channel_axis: int | None = None,
+    path: str | os.PathLike | None = None,
+    axes: str | None = None,
+) -> int | None:
+    """The axis of an array of ``shape`` that :func:`to_channels_first` takes as channels (None: none);
+    from the shape alone, so a file's header is enough."""
+    where = f"{path}: " if path is not None else ""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == ndim:
+        return None
+    if len(shape) != ndim + 1:
         raise InputError(
-            f"{where}wrong number of dimensions: shape {data.shape} is neither {ndim}D nor {ndim}D "
+            f"{where}wrong number of dimensions: shape {shape} is neither {ndim}D nor {ndim}D "
             f"with one channel axis"
         )
-    if channel_axis is None and axes is not None and len(axes) == data.ndim:
+    if channel_axis is None and axes is not None and len(axes) == len(shape):
         named = [a for a, name in enumerate(axes.upper()) if name in "CS"]
         channel_axis = named[0] if len(named) == 1 else None
-    axis = _channel_axis(data.shape, in_channels, channel_axis, where)
-    if in_channels is not None and data.shape[axis] != in_channels:
+    axis = _channel_axis(shape, in_channels, channel_axis, where)
+    if in_channels is not None and shape[axis] != in_channels:
         raise InputError(
-            f"{where}channel axis {axis} of shape {data.shape} has {data.shape[axis]} channels, "
-            f"expected {in_channels}"
+            f"{where}channel axis {axis} of shape {shape} has {shape[axis]} channels, expected {in_channels}"
         )
-    return np.moveaxis(data, axis, 0)
+    return axis
 
 
 def _channel_axis(

@@ -31,23 +31,32 @@ def normalize(image: np.ndarray, norm: Normalization, channel_axis: int | None =
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
         raise NormalizationError(f"image has {bad} NaN or infinite values")
+    axes = _stat_axes(x.ndim, channel_axis if norm.per_channel else None)
+    stats = None
+    if norm.kind == "percentile":
+        stats = tuple(np.percentile(x, p, axis=axes, keepdims=True) for p in (norm.pmin, norm.pmax))
+    elif norm.kind == "mean-std":
+        stats = (x.mean(axis=axes, keepdims=True), x.std(axis=axes, keepdims=True))
+    return scale(x, norm, stats)
+
+
+def scale(x: np.ndarray, norm: Normalization, stats: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """``x`` (float64) scaled as ``norm`` says with given statistics, as float32.
+
+    ``stats`` is (low, high percentile) or (mean, std), broadcastable against ``x``; None for the kinds
+    that need none. Shared with block-wise prediction, whose statistics cover the whole image.
+    """
     if norm.kind == "none":
         return x.astype(np.float32)
     if norm.kind == "absolute":
         return (x / float(norm.divisor)).astype(np.float32)
-    axes = _stat_axes(x.ndim, channel_axis if norm.per_channel else None)
+    if norm.kind not in ("percentile", "mean-std"):
+        raise NormalizationError(f"unknown normalization kind {norm.kind!r}")
+    a, b = stats
     if norm.kind == "percentile":
-        lo = np.percentile(x, norm.pmin, axis=axes, keepdims=True)
-        hi = np.percentile(x, norm.pmax, axis=axes, keepdims=True)
-        out = (x - lo) / (hi - lo + EPS)
-        if norm.clip:
-            out = np.clip(out, 0.0, 1.0)
-        return out.astype(np.float32)
-    if norm.kind == "mean-std":
-        mean = x.mean(axis=axes, keepdims=True)
-        std = x.std(axis=axes, keepdims=True)
-        return ((x - mean) / (std + EPS)).astype(np.float32)
-    raise NormalizationError(f"unknown normalization kind {norm.kind!r}")
+        out = (x - a) / (b - a + EPS)
+        return (np.clip(out, 0.0, 1.0) if norm.clip else out).astype(np.float32)
+    return ((x - a) / (b + EPS)).astype(np.float32)
 
 
 def _stat_axes(ndim: int, channel_axis: int | None) -> tuple[int, ...]:

@@ -161,6 +161,30 @@ def plan_tiles(
     return plan
 
 
+def balanced_tile(
+    shape: Sequence[int],
+    tile: Sequence[int],
+    halo: Sequence[int],
+    multiple: int = TILE_MULTIPLE,
+    placement: str = "center",
+) -> list[int]:
+    """The smallest tile, per axis, that covers ``shape`` with no more tiles than ``tile`` needs.
+
+    ``tile`` bounds memory; its count of tiles per axis is kept and their size shrunk to fit, so that an
+    image just past the tile (2056 px with a 2048 px tile: two tiles) is not paid as two full tiles.
+    """
+    out = []
+    for n, (b, a), t, h in zip(shape, pad_widths(shape, multiple, placement), tile, halo, strict=True):
+        padded = n + b + a
+        if padded > t and t <= 2 * h:
+            raise ValueError(f"tile {list(tile)} must be larger than twice the halo {list(halo)}")
+        count = 1 if padded <= t else 1 + -(-(padded - t) // (t - 2 * h))
+        # count tiles of size s cover the padded axis when count * s - 2 * h * (count - 1) >= padded
+        size = -(-(padded + 2 * h * (count - 1)) // count)
+        out.append(min(t, -(-size // multiple) * multiple))
+    return out
+
+
 def read_tile(image: np.ndarray, tile: Tile) -> np.ndarray:
     """Network input for ``tile`` from ``image`` (C, *spatial), reflect-padded where it leaves the image.
 

@@ -37,6 +37,18 @@ TORCH_BLOCKER = textwrap.dedent(
 )
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test: on the shared 2-core CI machine, OpenMP threads
+    spin-waiting against other processes made torch tests up to 10x slower with 2 threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def upstream_case(ndim: int) -> Path:
     """Folder of the upstream fixture for 2D or 3D; skips the test when the fixtures are absent."""
     path = UPSTREAM / f"{ndim}d"

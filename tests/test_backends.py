@@ -59,6 +59,17 @@ def test_onnx_cpu_runs_the_model_and_reads_its_contract(ndim, toy2d, toy3d):
     np.testing.assert_allclose(out, _toy_reference(x, backend.contract), atol=2e-5)
 
 
+def test_cpu_threads_do_not_spin_unless_asked(toy2d):
+    def spinning(backend) -> str:
+        return backend.session.get_session_options().get_session_config_entry(
+            "session.intra_op.allow_spinning"
+        )
+
+    assert spinning(create_backend(toy2d, "onnx-cpu")) == "0"
+    asked = {"session.intra_op.allow_spinning": "1"}
+    assert spinning(create_backend(toy2d, "onnx-cpu", session_config=asked)) == "1"
+
+
 def test_auto_picks_a_backend_that_runs_and_says_which(toy2d):
     backend = create_backend(toy2d, "auto", threads=1)
     assert backend.info["auto"]["chosen"] == backend.name

@@ -11,14 +11,13 @@ import tifffile
 from embedseg_deploy.backends import create_backend
 from embedseg_deploy.bigimage import (
     LazyImage,
-    channel_axis_of,
     norm_stats,
     percentiles_from_histogram,
     plan_blocks,
     predict_big,
 )
 from embedseg_deploy.contract import Normalization
-from embedseg_deploy.io import InputError, read_tiff, write_tiff_atomic
+from embedseg_deploy.io import InputError, channel_axis_of, read_tiff, write_tiff_atomic
 from embedseg_deploy.predict import Predictor
 
 from ._runtime_models import blobs, same_partition, toy_model
@@ -97,7 +96,7 @@ def test_float_images_and_channel_axes(tmp_path, tmp_path_factory):
     assert same_partition(tifffile.imread(tmp_path / "out.tif"), predictor.predict(two))
     assert result.n_objects == truth.max()
     lazy = LazyImage(src)
-    assert channel_axis_of(lazy.shape, 2, 2, None, lazy.axes, src) == 2
+    assert channel_axis_of(lazy.shape, 2, 2, axes=lazy.axes) == 2
     lo, hi = norm_stats(lazy, 2, Normalization())
     np.testing.assert_allclose(lo, np.percentile(two[..., 0], 1.0))
     np.testing.assert_allclose(hi, np.percentile(two[..., 1], 99.8))
@@ -127,3 +126,19 @@ def test_a_truncated_file_is_refused_before_mapping(predictors, tmp_path):
     with pytest.raises(InputError, match=r"t\.tif: truncated or corrupt TIFF"):
         predict_big(predictors[2], src, tmp_path / "out.tif", block=32)
     assert [p.name for p in tmp_path.iterdir()] == ["t.tif"]
+
+
+def test_a_single_channel_image_for_a_two_channel_model_names_the_file(tmp_path, tmp_path_factory):
+    predictor = Predictor(create_backend(toy_model(tmp_path_factory, 2, in_channels=2), "onnx-cpu"), tile=0)
+    src = _write(tmp_path / "one.tif", blobs((64, 64), 3, seed=1)[0])
+    with pytest.raises(InputError, match=r"one\.tif: image has 1 channel\(s\), the model takes 2"):
+        predict_big(predictor, src, tmp_path / "out.tif", block=32)
+    assert [p.name for p in tmp_path.iterdir()] == ["one.tif"]
+
+
+def test_output_onto_the_input_is_refused(predictors, tmp_path):
+    src = _write(tmp_path / "in.tif", blobs((64, 64), 3, seed=1)[0])
+    before = src.read_bytes()
+    with pytest.raises(InputError, match=r"in\.tif: the output would overwrite the input"):
+        predict_big(predictors[2], src, tmp_path / "." / "in.tif", block=32)
+    assert src.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["in.tif"]

@@ -11,15 +11,7 @@ from embedseg_training.model import BranchedERFNet, build_model, count_parameter
 
 from .conftest import upstream_case
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on the shared 2-core CI machine, OpenMP threads spin-waiting against other
-    processes made these tests up to 10x slower with 2 threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from embedseg_deploy.backends import BackendError, create_backend
 from embedseg_deploy.io import InputError
 from embedseg_deploy.predict import PixelSizeWarning, Predictor, check_pixel_size, label_dtype, predict_files
 from embedseg_deploy.synthetic import make_image
-from embedseg_deploy.tiling import plan_tiles
+from embedseg_deploy.tiling import balanced_tile, plan_tiles
 from embedseg_deploy.tta import predict_tta
 
 from ._runtime_models import blobs, erfnet_model, toy_contract, toy_model
@@ -213,3 +213,53 @@ def test_images_too_big_for_memory_switch_to_blocks(cpu2d, tmp_path, monkeypatch
     assert any("seeds are not saved" in w for w in record["warnings"])
     again = predict_files(Predictor(cpu2d), [tmp_path / "big.tif"], tmp_path / "out", save_seeds=True)
     assert again["counts"]["skipped"] == 1  # resumable in block mode too
+
+
+@pytest.mark.parametrize(
+    ("shape", "tile", "halo"),
+    [((2050, 2050), 2048, 64), ((70, 600, 600), (64, 512, 512), (16, 64, 64)), ((4000, 3000), 2048, 64)],
+)
+def test_balanced_tiles_cover_an_image_slightly_larger_than_the_tile_cheaply(shape, tile, halo):
+    """As many tiles as the contract's tile needs, each as small as that count allows: an image just past
+    the tile costs a little more than itself, not 2x per axis."""
+    ndim = len(shape)
+    tile = [tile] * ndim if isinstance(tile, int) else tile
+    halo = [halo] * ndim if isinstance(halo, int) else halo
+    balanced = balanced_tile(shape, tile, halo)
+    fixed, small = plan_tiles(shape, tile, halo), plan_tiles(shape, balanced, halo)
+    assert len(small) == len(fixed) and all(b <= t for b, t in zip(balanced, tile, strict=True))
+    for axis in range(ndim):  # one multiple of 8 less would need more tiles
+        smaller = list(balanced)
+        smaller[axis] -= 8
+        assert smaller[axis] <= 2 * halo[axis] or len(plan_tiles(shape, smaller, halo)) > len(small)
+    assert sum(np.prod(t.shape) for t in small) < 0.6 * sum(np.prod(t.shape) for t in fixed)
+
+
+def test_predictor_uses_balanced_tiles_and_keeps_the_labels(cpu2d):
+    image, _ = blobs((70, 75), 4, seed=2)  # padded 72 x 80: just past the toy contract's 64 px tile
+    seen = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(cpu2d, name)
+
+        def run(self, batch):
+            seen.append(batch.shape[2:])
+            return cpu2d.run(batch)
+
+    predictor = Predictor(cpu2d)
+    predictor.backend = Counting()
+    labels = predictor.predict(image)
+    assert predictor.tile == [64, 64] and seen == [(48, 48)] * 4  # 4 tiles of 64 x 64 before
+    np.testing.assert_array_equal(labels, Predictor(cpu2d, tile=0).predict(image))
+
+
+def test_saved_seeds_are_the_seediness_the_clustering_uses(cpu2d):
+    """Thresholding the saved seed map at fg_thresh gives exactly the clustering's foreground."""
+    from ._cluster_reference import activations
+
+    image, _ = blobs((96, 120), 8, seed=7)
+    predictor = Predictor(cpu2d)
+    result = predictor.run(image, want_seeds=True)
+    raw = predictor.predict_raw(predictor.prepare(image))
+    np.testing.assert_array_equal(result.seeds, activations(raw)[2])

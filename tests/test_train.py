@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,14 +17,7 @@ from embedseg_training.checkpoint import load_checkpoint, load_model
 from embedseg_training.cli import main
 from embedseg_training.train import TrainConfig, TrainError, poly_lr, train
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: 2 threads spin-wait against other processes on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +31,9 @@ def data3d(tmp_path_factory):
     root = tmp_path_factory.mktemp("data3d")
     return write_dataset(root, ndim=3, n_train=2, n_val=1, n_test=0, shape=(16, 40, 40), n_objects=(3, 4),
                          radius=(4.0, 6.0), anisotropy=2.0, seed=1)  # fmt: skip
+
+
+TINY_CLI = ["--batch-size", "2", "--iterations", "1", "--val-crops", "2", "--crop-size", "32"]
 
 
 def _tiny(data, out, **kw) -> TrainConfig:
@@ -69,6 +66,12 @@ def test_tiny_2d_run_writes_checkpoints_with_a_full_contract(data2d, tmp_path):
     assert len(rows) == 2 and set(rows[0]) >= {"train_loss", "val_loss", "val_iou", "lr", "crops_per_s"}
     assert 0 <= float(rows[0]["data_time_fraction"]) <= 1 and float(rows[0]["crops_per_s"]) > 0
     assert (result.run_dir / "loss.png").stat().st_size > 1000
+    # every file of the run folder gets the permissions of any new file (no 0600 from mkstemp)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "log.csv", "loss.png", "best.pth", "last.pth"):
+        assert (result.run_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert not list(result.run_dir.glob(".*")), "temp files left in the run folder"
     # the model computes: an eval forward pass on a crop-sized input gives the contract's channels
     with torch.no_grad():
         assert model(torch.zeros(1, 1, 32, 32)).shape == (1, contract.out_channels, 32, 32)
@@ -147,18 +150,7 @@ def test_config_round_trip_and_bad_settings(data2d, tmp_path):
 
 def test_cli_train_and_config_round_trip(data2d, tmp_path):
     run1, run2 = tmp_path / "cli1", tmp_path / "cli2"
-    args = [
-        "--epochs",
-        "1",
-        "--batch-size",
-        "2",
-        "--iterations",
-        "1",
-        "--val-crops",
-        "2",
-        "--crop-size",
-        "32",
-    ]
+    args = ["--epochs", "1", *TINY_CLI]
     res = CliRunner().invoke(main, [str(data2d), "--out", str(run1), *args, "--seed", "3"])
     assert res.exit_code == 0, res.output
     assert "epoch 1/1" in res.output and "best" in res.output
@@ -214,18 +206,7 @@ def test_time_budget_replans_the_poly_schedule_and_stops(data2d, tmp_path, monke
 
 def test_cli_time_budget_stops_a_run(data2d, tmp_path):
     run = tmp_path / "cli-budget"
-    args = [
-        "--epochs",
-        "50",
-        "--batch-size",
-        "2",
-        "--iterations",
-        "1",
-        "--val-crops",
-        "2",
-        "--crop-size",
-        "32",
-    ]
+    args = ["--epochs", "50", *TINY_CLI]
     res = CliRunner().invoke(main, [str(data2d), "--out", str(run), *args, "--max-minutes", "0.0001", "-q"])
     assert res.exit_code == 0, res.output
     assert "done: 1 epoch(s)" in res.output  # the first epoch alone outlasts a 6 ms budget

@@ -28,6 +28,7 @@ from embedseg_deploy.contract import (
     ContractError,
     Normalization,
     Thresholds,
+    default_architecture,
     spacing_from_upstream_grid,
 )
 from embedseg_deploy.io import atomic_writer, sha256_file
@@ -137,9 +138,7 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as exc:  # torch.load raises many types on foreign bytes (IndexError, UnpicklingError, ...)
+    except Exception as exc:  # foreign bytes raise many types (IndexError, UnpicklingError, ...)
         raise CheckpointError(
             f"{path}: not a torch checkpoint readable with weights_only=True ({_load_error_detail(exc)})"
         ) from None
@@ -290,12 +289,7 @@ def upstream_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
             f"{ndim}D upstream model with num_classes {branches}: "
             f"only [{2 * ndim}, 1] (n_sigma = ndim) is supported"
         )
-    return {
-        "name": "BranchedERFNet" if ndim == 2 else "BranchedERFNet_3d",
-        "num_classes": branches,
-        "input_channels": int(first.shape[1]),
-        "ndim": ndim,
-    }
+    return {**default_architecture(ndim, int(first.shape[1])), "ndim": ndim}
 
 
 def import_upstream(
@@ -467,9 +461,7 @@ def convert_upstream(
     state, contract = import_upstream(
         ckpt, data_properties_json, normalization_json, test_config, **options, _source=checkpoint
     )
-    model_from_state_dict(
-        state, contract, checkpoint
-    )  # fails here, before writing, if the weights do not fit
+    model_from_state_dict(state, contract, checkpoint)  # weights that do not fit fail before writing
     save_checkpoint(
         out,
         state,

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -185,26 +184,6 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    from embedseg_deploy import __version__ as deploy_version
-
-    from . import __version__
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "numpy": np.__version__,
-        "embedseg_deploy": deploy_version,
-        "embedseg_training": __version__,
-    }
-
-
 def make_demo_model(
     out_dir: str | os.PathLike,
     from_run: str | os.PathLike | None = None,
@@ -218,9 +197,11 @@ def make_demo_model(
     """
     import torch
 
-    from embedseg_deploy.io import atomic_write_text, sha256_file
+    from embedseg_deploy.io import atomic_write_bytes, atomic_write_text, sha256_file
+    from embedseg_deploy.predict import versions
     from embedseg_exporters.onnx_export import export_checkpoint
 
+    from . import __version__
     from .checkpoint import load_checkpoint
     from .train import TrainConfig, train
 
@@ -254,16 +235,13 @@ def make_demo_model(
             summary = {k: v for k, v in evaluation[precision].items() if k != "per_image"}
             print(f"{precision}: {json.dumps(summary)}", file=sys.stderr)
         chosen, reason = choose_precision(evaluation)
-        target = out_dir / f"{MODEL_NAME}.onnx"
-        staged = out_dir / f".{MODEL_NAME}.onnx.tmp"
-        shutil.copyfile(files[chosen], staged)
-        os.replace(staged, target)
+        target = atomic_write_bytes(out_dir / f"{MODEL_NAME}.onnx", files[chosen].read_bytes())
         best_row = max(log, key=lambda r: r["val_iou"])
         note = {
             "model": target.name,
             "date": datetime.now().astimezone().isoformat(timespec="seconds"),
             "machine": _machine(),
-            "versions": _versions(),
+            "versions": {**versions("onnx"), "embedseg_training": __version__},
             "file": {"bytes": target.stat().st_size, "sha256": sha256_file(target)},
             "precision": {"chosen": chosen, "reason": reason, "tolerance": FP16_AP_TOLERANCE},
             "data": {

@@ -180,15 +180,6 @@ class BranchedERFNet(nn.Module):
             conv.bias[n_off : n_off + n_sigma].fill_(1.0)
 
 
-def architecture_of(model: BranchedERFNet) -> dict[str, Any]:
-    """The contract's ``architecture`` entry for ``model``."""
-    return {
-        "name": "BranchedERFNet" if model.ndim == 2 else "BranchedERFNet_3d",
-        "num_classes": list(model.num_classes),
-        "input_channels": model.in_channels,
-    }
-
-
 def build_model(contract_or_arch: Any) -> BranchedERFNet:
     """A fresh BranchedERFNet for a Contract (its ``architecture``/``ndim``) or an architecture mapping.
 

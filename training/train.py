@@ -28,7 +28,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from embedseg_deploy.contract import Contract, Normalization, Thresholds, default_architecture
+from embedseg_deploy.io import atomic_write_text, atomic_writer
 
 from . import __version__
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
@@ -188,23 +188,12 @@ def default_spacing(max_image_shape: Sequence[int]) -> float:
     return 1.0 / (n - 1)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_log_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_plot(path: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
@@ -227,13 +216,8 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("val IoU (per object)")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=80)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_writer(path) as f:
+        fig.savefig(f, format="png", dpi=80)
     return True
 
 
@@ -465,7 +449,7 @@ def train(
     cfg, contract, device = setup.config, setup.contract, setup.device
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / CONFIG, cfg.to_json() + "\n")
+    atomic_write_text(run_dir / CONFIG, cfg.to_json() + "\n")
     use_amp = bool(cfg.amp and device.type == "cuda")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
