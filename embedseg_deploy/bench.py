@@ -43,6 +43,7 @@ import click
 import numpy as np
 
 from .backends import BackendError, create_backend, model_kind
+from .backends.onnx_backend import DEFAULT_SESSION_CONFIG
 from .io import read_tiff, write_tiff_atomic
 from .predict import Job, Predictor, process_job, versions
 
@@ -693,7 +694,7 @@ def run_bench(
             "warmup": warmup,
             "quick": quick,
             "backends_requested": list(backends) if backends else "all",
-            "ort_session_config": dict(ort_config or {}),
+            "ort_session_config": {**DEFAULT_SESSION_CONFIG, **(ort_config or {})},  # what sessions got
             "environment": {k: v for k, v in os.environ.items() if k.split("_")[0] in ENV_PREFIXES},
             "timing": "interleaved rounds; warm-up runs excluded; per image = read..write (process_job)",
         },

@@ -230,14 +230,16 @@ def predict_tiled(
     ``run`` maps a float32 batch (N, C, *tile) to raw outputs (N, out_channels, *tile). ``progress(done,
     total)`` is called after each batch with tile counts. ``stats`` accumulates seconds under ``'tile'``
     (gathering inputs), ``'network'`` and ``'stitch'``. ``pad_last_batch`` fills a short last batch with
-    zeros so that ``run`` always gets ``batch_size`` tiles.
+    zeros so that ``run`` always gets ``batch_size`` tiles. A single tile that needs no cropping is
+    returned as the network's own output buffer, not copied (whole-volume 3D outputs are ~0.5 GB).
     """
     if image.ndim < 2:
         raise ValueError(f"image must be (C, *spatial), got shape {image.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plan = plan_tiles(image.shape[1:], tile, halo, multiple, placement)
-    out = np.empty((out_channels, *image.shape[1:]), dtype=np.float32)
+    out_shape = (out_channels, *image.shape[1:])
+    out = None
     for first in range(0, len(plan), batch_size):
         t0 = time.perf_counter()
         group = plan[first : first + batch_size]
@@ -253,8 +255,18 @@ def predict_tiled(
             raise ValueError(
                 f"network returned shape {raw.shape} for input {batch.shape}, expected {expected}"
             )
-        for i, t in enumerate(group):
-            out[(slice(None), *t.dest)] = raw[(i, slice(None), *t.core)]
+        if (
+            len(plan) == 1
+            and raw.shape[1:] == out_shape
+            and raw.dtype == np.float32
+            and raw.flags.c_contiguous
+        ):
+            out = raw[0]
+        else:
+            if out is None:
+                out = np.empty(out_shape, dtype=np.float32)
+            for i, t in enumerate(group):
+                out[(slice(None), *t.dest)] = raw[(i, slice(None), *t.core)]
         _add(stats, "stitch", t0)
         if progress is not None:
             progress(first + len(group), len(plan))
