@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,9 @@ from embedseg_exporters.onnx_export import export_onnx
 from embedseg_exporters.verify import GROUPS, clusterer, labels_of, ort_runner, output_errors, random_tiles
 from embedseg_training.checkpoint import load_model
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "upstream"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import FIXTURES
+
 KEEP_SETS = [(), ("heads",), ("bn",), ("heads", "bn"), ("first",), ("heads", "bn", "first")]
 
 

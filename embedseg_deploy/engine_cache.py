@@ -1,9 +1,10 @@
-"""TensorRT engines for EmbedSeg ONNX models: build, describe (sidecar JSON) and cache them per machine.
+"""TensorRT engines for EmbedSeg ONNX models: build, describe (sidecar JSON), cache per machine and run.
 
 This module belongs to the runtime tier: it imports neither torch nor onnx, and imports ``tensorrt`` (and
-``cuda-python``) only inside the functions that build an engine or look at the GPU, so importing it is free.
-``embedseg-export trt`` builds through it, and the runtime uses :class:`EngineCache` to build an engine on
-first use and reuse it afterwards.
+``cuda-python``) only inside the functions that build or run an engine or look at the GPU, so importing it is
+free. ``embedseg-export trt`` builds and verifies through it, and the runtime uses :class:`EngineCache` to
+build an engine on first use and reuse it afterwards, and :class:`EngineRunner` (in its ``tensorrt``
+backend) to run it.
 
 Design decisions:
 
@@ -40,6 +41,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .contract import METADATA_KEY, Contract, ContractError
 from .io import atomic_write_bytes, sha256_file
@@ -295,14 +298,34 @@ def import_tensorrt() -> Any:
     return tensorrt
 
 
+def cuda_runtime() -> Any:
+    """cuda-python's runtime module: ``cuda.bindings.runtime``, or ``cuda.cudart`` before cuda-python 12.6."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError as exc:
+            raise EngineError(
+                "running a TensorRT engine needs cuda-python (pip install 'embedseg-deploy[trt]', "
+                "or pip install cuda-python)"
+            ) from exc
+    return cudart
+
+
+def cuda_check(result: Any, what: str) -> Any:
+    """The value(s) of a cuda-python ``(err, *values)`` result; EngineError when ``err`` is not success."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise EngineError(f"CUDA error in {what}: {err}")
+    return values[0] if len(values) == 1 else values
+
+
 def gpu_info(device_id: int = 0) -> tuple[str, str]:
     """(GPU name, compute capability ``"M.m"``) through cuda-python, else ``nvidia-smi``."""
     try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
-    except ImportError:
+        cudart = cuda_runtime()
+    except EngineError:
         cudart = None
     if cudart is not None:
         err, prop = cudart.cudaGetDeviceProperties(device_id)
@@ -344,6 +367,119 @@ def engine_problems(facts: Mapping[str, Any], env: Mapping[str, str]) -> list[st
             f"this GPU is {env.get('gpu_name', '?')} (compute capability {cc or '?'})"
         )
     return problems
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running an engine
+
+
+class EngineRunner:
+    """A deserialized engine (one input, one output) run synchronously on host arrays.
+
+    The one engine runner of the project: the runtime's ``tensorrt`` backend and the exporter's verification
+    both use it. Each call picks the optimisation profile whose [min, max] holds the input shape (the
+    active one when it does, so profiles only switch when needed), reuses the device buffers when the data
+    fits (reallocating only to grow), and copies host <-> device on its own stream through cuda-python.
+    Errors are :class:`EngineError`; the backend turns them into ``BackendError`` at its boundary.
+    """
+
+    def __init__(self, engine: bytes | str | os.PathLike, device_id: int = 0):
+        where = "" if isinstance(engine, bytes | bytearray | memoryview) else f"{engine}: "
+        data = engine if not where else Path(engine).read_bytes()
+        trt = import_tensorrt()
+        self._cudart = cudart = cuda_runtime()
+        cuda_check(cudart.cudaSetDevice(device_id), "cudaSetDevice")
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise EngineError(
+                f"{where}TensorRT could not deserialize the engine (corrupt, or built with another "
+                "TensorRT version or GPU)"
+            )
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or len(outputs) != 1:
+            raise EngineError(f"{where}expected one input and one output tensor, got {inputs} / {outputs}")
+        self.input, self.output = inputs[0], outputs[0]
+        self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input)))
+        self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output)))
+        #: (min, max) input shape of every optimisation profile, in profile order
+        self.profiles = [
+            tuple(tuple(int(v) for v in s) for s in self.engine.get_tensor_profile_shape(self.input, k)[::2])
+            for k in range(self.engine.num_optimization_profiles)
+        ]
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.profile = 0  # a new context starts on profile 0
+        self._buffers: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, bytes)
+
+    def select_profile(self, shape: Sequence[int]) -> int:
+        """Make a profile that holds ``shape`` active (the current one when it does) and return its index."""
+        shape = tuple(shape)
+
+        def holds(k: int) -> bool:
+            lo, hi = self.profiles[k]
+            return len(lo) == len(shape) and all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True))
+
+        if not holds(self.profile):
+            k = next((k for k in range(len(self.profiles)) if holds(k)), None)
+            if k is None:
+                ranges = "; ".join(f"{list(lo)}..{list(hi)}" for lo, hi in self.profiles)
+                raise EngineError(
+                    f"input shape {list(shape)} lies outside every profile of the engine ({ranges})"
+                )
+            if not self.context.set_optimization_profile_async(k, int(self.stream)):
+                raise EngineError(f"TensorRT could not switch to optimisation profile {k}")
+            self.profile = k
+        return self.profile
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        """A device buffer of at least ``nbytes`` for ``name``, reused across calls, grown when too small."""
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                cuda_check(self._cudart.cudaFree(ptr), "cudaFree")
+                del self._buffers[name]
+            ptr = int(cuda_check(self._cudart.cudaMalloc(nbytes), "cudaMalloc"))
+            self._buffers[name] = (ptr, nbytes)
+        return ptr
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The engine's output for the host array ``x`` (full input shape), as float32."""
+        cudart, ctx = self._cudart, self.context
+        host_in = np.ascontiguousarray(x, dtype=self.in_dtype)
+        self.select_profile(host_in.shape)
+        if not ctx.set_input_shape(self.input, host_in.shape):
+            raise EngineError(f"TensorRT rejected input shape {list(host_in.shape)}")
+        host_out = np.empty(tuple(int(v) for v in ctx.get_tensor_shape(self.output)), dtype=self.out_dtype)
+        d_in = self._buffer(self.input, host_in.nbytes)
+        d_out = self._buffer(self.output, host_out.nbytes)
+        kind = cudart.cudaMemcpyKind
+        h2d, d2h = kind.cudaMemcpyHostToDevice, kind.cudaMemcpyDeviceToHost
+        cuda_check(
+            cudart.cudaMemcpyAsync(d_in, host_in.ctypes.data, host_in.nbytes, h2d, self.stream), "H2D copy"
+        )
+        ctx.set_tensor_address(self.input, d_in)
+        ctx.set_tensor_address(self.output, d_out)
+        if not ctx.execute_async_v3(int(self.stream)):
+            raise EngineError("TensorRT execute_async_v3 failed")
+        cuda_check(
+            cudart.cudaMemcpyAsync(host_out.ctypes.data, d_out, host_out.nbytes, d2h, self.stream), "D2H copy"
+        )
+        cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        return host_out.astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        """Free the device buffers and the stream (idempotent)."""
+        for ptr, _ in self._buffers.values():
+            self._cudart.cudaFree(ptr)
+        self._buffers.clear()
+        if self.stream is not None:
+            self._cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
+        self.context = None
 
 
 # ----------------------------------------------------------------------------------------------------------

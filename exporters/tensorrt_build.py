@@ -4,9 +4,10 @@ The build itself (ONNX parser, strongly typed network, optimisation profiles, TF
 workspace limit) lives in :mod:`embedseg_deploy.engine_cache`, so the runtime builds engines the same way
 on first use. This module adds what only an export needs: profiles from ``--tile``, the fp16 ONNX made on
 the fly when an fp16 engine is asked of an fp32 model (TensorRT 11 has no fp16 builder flag, and on 10 the
-flag would let TensorRT pick fp16 also where measurement says fp32 must stay), the engine run through
-cuda-python, and a verification of the engine on tiles at the shapes of every profile before anything is
-written.
+flag would let TensorRT pick fp16 also where measurement says fp32 must stay), and a verification of the
+engine on tiles at the shapes of every profile before anything is written. The engine runs through the
+runtime's :class:`~embedseg_deploy.engine_cache.EngineRunner` (the one engine runner of the project, which
+switches profiles by input shape and raises ``EngineError``, the exporter's error type).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import numpy as np
 from embedseg_deploy.contract import Contract
 from embedseg_deploy.engine_cache import (
     EngineError,
+    EngineRunner,
     Profile,
     build_engine,
     cache_key,
     check_profiles,
     default_profile,
-    import_tensorrt,
     local_environment,
     make_sidecar,
     onnx_contract,
@@ -83,86 +84,6 @@ def fp16_onnx(src: Path, dst: Path, keep: Sequence[str], force: bool) -> Path:
     report.raise_if_failed()
     write_atomic(dst, data, force=force)
     return dst
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Running an engine (verification only; the runtime has its own backend)
-
-
-def _cudart() -> Any:
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError as exc:
-            raise EngineError(
-                "running a TensorRT engine needs cuda-python (pip install cuda-python)"
-            ) from exc
-    return cudart
-
-
-def _ok(result: Any, what: str) -> Any:
-    err, *values = result if isinstance(result, tuple) else (result,)
-    if int(err) != 0:
-        raise EngineError(f"CUDA error in {what}: {err}")
-    return values[0] if len(values) == 1 else values
-
-
-class EngineRunner:
-    """A deserialized engine run synchronously on host arrays, switching profiles by input shape."""
-
-    def __init__(self, engine_bytes: bytes, device_id: int = 0):
-        trt = import_tensorrt()
-        self.cudart = _cudart()
-        _ok(self.cudart.cudaSetDevice(device_id), "cudaSetDevice")
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
-        if self.engine is None:
-            raise EngineError("TensorRT could not deserialize the engine it just built")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
-        self.output = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
-        self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output)))
-        self.context = self.engine.create_execution_context()
-        self.stream = _ok(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.profile = 0
-
-    def _select_profile(self, shape: tuple[int, ...]) -> None:
-        for k in range(self.engine.num_optimization_profiles):
-            lo, _opt, hi = self.engine.get_tensor_profile_shape(self.input, k)
-            if all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True)):
-                if k != self.profile:
-                    self.context.set_optimization_profile_async(k, int(self.stream))
-                    self.profile = k
-                return
-        raise EngineError(f"input shape {shape} lies outside every optimisation profile of the engine")
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        cudart = self.cudart
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        self._select_profile(x.shape)
-        if not self.context.set_input_shape(self.input, x.shape):
-            raise EngineError(f"TensorRT rejected input shape {x.shape}")
-        out = np.empty(tuple(self.context.get_tensor_shape(self.output)), dtype=self.out_dtype)
-        d_in = _ok(cudart.cudaMalloc(x.nbytes), "cudaMalloc")
-        d_out = _ok(cudart.cudaMalloc(out.nbytes), "cudaMalloc")
-        try:
-            kind = cudart.cudaMemcpyKind
-            _ok(cudart.cudaMemcpy(d_in, x.ctypes.data, x.nbytes, kind.cudaMemcpyHostToDevice), "H2D copy")
-            self.context.set_tensor_address(self.input, int(d_in))
-            self.context.set_tensor_address(self.output, int(d_out))
-            if not self.context.execute_async_v3(int(self.stream)):
-                raise EngineError("TensorRT execute_async_v3 failed")
-            _ok(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-            _ok(
-                cudart.cudaMemcpy(out.ctypes.data, d_out, out.nbytes, kind.cudaMemcpyDeviceToHost), "D2H copy"
-            )
-        finally:
-            cudart.cudaFree(d_in)
-            cudart.cudaFree(d_out)
-        return out.astype(np.float32, copy=False)
 
 
 def engine_inputs(contract: Contract, profiles: Sequence[Profile], fixture: str | Path | None = None) -> dict:
@@ -254,11 +175,14 @@ def verify_engine(
     device_id: int = 0,
 ) -> Report:
     """The engine vs ONNX Runtime CPU on the (fp32 when available) source ONNX at every profile's shapes."""
-    runner = EngineRunner(engine, device_id)
     inputs = engine_inputs(contract, profiles, fixture)
     tolerance = TOLERANCES[f"engine-{precision}"]
     reference = ort_runner(reference_onnx)
     ref_precision = onnx_precision(onnx_contract(reference_onnx))
-    return compare(
-        runner, reference, contract, inputs, tolerance, (f"tensorrt-{precision}", f"onnx-{ref_precision}")
-    )
+    runner = EngineRunner(engine, device_id)
+    try:
+        return compare(
+            runner, reference, contract, inputs, tolerance, (f"tensorrt-{precision}", f"onnx-{ref_precision}")
+        )
+    finally:
+        runner.close()

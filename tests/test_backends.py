@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +224,31 @@ def test_engine_without_tensorrt_or_sidecar_is_a_clear_error(tmp_path):
     (tmp_path / "model.engine.json").unlink()
     with pytest.raises(BackendError, match=r"no sidecar model\.engine\.json"):
         create_backend(engine, "tensorrt")
+
+
+def test_tensorrt_backend_runs_through_the_engine_runner(tmp_path, monkeypatch):
+    """No GPU here: the backend over the fakes of TensorRT and cuda-python from test_export_trt."""
+    from embedseg_deploy.backends import tensorrt_backend
+
+    from .test_export_trt import FakeCudart, FakeTensorRTRuntime
+
+    here = {"tensorrt_version": "11.0.0.1", "gpu_name": "NVIDIA H100", "compute_capability": "9.0"}
+    engine = _fake_engine(tmp_path, {**here, "precision": "fp16"})
+    monkeypatch.setattr(tensorrt_backend, "local_environment", lambda device_id=0: here)
+    cudart, bindings = FakeCudart(), types.ModuleType("cuda.bindings")
+    bindings.runtime = cudart
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "tensorrt", FakeTensorRTRuntime(cudart))
+    with pytest.raises(BackendError, match=r"model\.engine: TensorRT could not deserialize the engine"):
+        create_backend(engine, "tensorrt")
+    engine.write_bytes(b"plan")
+    backend = create_backend(engine, "tensorrt")
+    assert backend.shapes.min_spatial == (8, 8) and backend.shapes.max_spatial == (32, 32)  # profile 0
+    assert backend.precision == "fp16" and backend.describe()["profile"] == [[1, 1, 8, 8], [1, 1, 32, 32]]
+    x = np.random.default_rng(0).random((1, 1, 16, 24), dtype=np.float32)
+    np.testing.assert_array_equal(backend.run(x), x * np.arange(1.0, 6.0, dtype=np.float32)[:, None, None])
+    backend.close()
+    assert cudart.mem == {}
 
 
 def test_torch_backend_matches_onnx_runtime(tmp_path_factory):

@@ -3,9 +3,11 @@ and a GPU are present (skipped with the reason otherwise)."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import sys
+import types
 
 import numpy as np
 import onnx
@@ -332,6 +334,122 @@ def test_build_engine_call_sequence_with_a_fake_tensorrt(tmp_path, monkeypatch):
         ec.build_engine(path, profiles, "fp32")
 
 
+class FakeCudart:
+    """cuda-python's runtime as the runner uses it; host bytearrays stand in for device memory."""
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost = "h2d", "d2h"
+
+    def __init__(self):
+        self.mem: dict[int, bytearray] = {}
+        self.calls: list[str] = []
+        self.cudaSetDevice = self.cudaStreamSynchronize = self.cudaStreamDestroy = lambda *a: (0,)
+        self.cudaStreamCreate = lambda: (0, 7)
+
+    def cudaMalloc(self, n):
+        self.calls.append("malloc")
+        self.mem[ptr := 4096 * len(self.calls)] = bytearray(n)
+        return 0, ptr
+
+    def cudaFree(self, ptr):
+        self.calls.append("free")
+        del self.mem[ptr]
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, n, kind, stream):
+        if kind == "h2d":
+            self.mem[dst][:n] = ctypes.string_at(src, n)
+        else:
+            ctypes.memmove(dst, bytes(self.mem[src][:n]), n)
+        return (0,)
+
+
+class FakeTensorRTRuntime:
+    """The TensorRT 10/11 runtime API the runner uses; the engine's channel c is x * (c+1) + 10 * profile."""
+
+    __version__ = "11.0.0.1"
+    Logger = FakeTensorRT.Logger
+    TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    nptype = staticmethod(np.dtype)
+    PROFILES = (
+        ((1, 1, 8, 8), (1, 1, 16, 16), (1, 1, 32, 32)),
+        ((1, 1, 40, 40), (1, 1, 64, 64), (2, 1, 64, 64)),
+    )
+
+    def __init__(self, cudart: FakeCudart):
+        self.switches: list[int] = []
+        fake, mem = self, cudart.mem
+
+        class Context:
+            profile, addr = 0, {}
+
+            def set_optimization_profile_async(self, k, stream):
+                fake.switches.append(k)
+                self.profile = k
+                return True
+
+            def set_input_shape(self, name, shape):  # TensorRT checks the shape against the active profile
+                lo, _, hi = fake.PROFILES[self.profile]
+                self.shape = tuple(shape)
+                return all(a <= s <= b for a, s, b in zip(lo, shape, hi, strict=True))
+
+            def get_tensor_shape(self, name):
+                return (self.shape[0], 5, *self.shape[2:])
+
+            def set_tensor_address(self, name, ptr):
+                self.addr = {**self.addr, name: ptr}
+
+            def execute_async_v3(self, stream):
+                x = np.frombuffer(mem[self.addr["image"]], np.float32, int(np.prod(self.shape))).reshape(
+                    self.shape
+                )
+                y = x * np.arange(1, 6, dtype=np.float32)[None, :, None, None] + 10 * self.profile
+                mem[self.addr["raw"]][: y.nbytes] = y.tobytes()
+                return True
+
+        class Engine:
+            num_io_tensors, num_optimization_profiles = 2, len(self.PROFILES)
+            get_tensor_name = staticmethod(("image", "raw").__getitem__)
+            get_tensor_mode = staticmethod(lambda name: "in" if name == "image" else "out")
+            get_tensor_dtype = staticmethod(lambda name: "float32")
+            get_tensor_profile_shape = staticmethod(lambda name, k: fake.PROFILES[k])
+            create_execution_context = staticmethod(Context)
+
+        class Runtime:
+            def __init__(self, logger):
+                self.deserialize_cuda_engine = lambda data: Engine() if bytes(data) == b"plan" else None
+
+        self.Runtime = Runtime
+
+
+@pytest.mark.parametrize("layout", ["cuda.bindings.runtime", "cuda.cudart"])
+def test_engine_runner_picks_profiles_and_reuses_buffers(layout, tmp_path, monkeypatch):
+    """No GPU here: the one engine runner against fakes of TensorRT's runtime API and of cuda-python."""
+    cudart, fake_module = FakeCudart(), types.ModuleType("fake")
+    fake_module.runtime = fake_module.cudart = cudart
+    monkeypatch.setitem(sys.modules, "cuda", fake_module)  # `from cuda import cudart` (cuda-python < 12.6)
+    monkeypatch.setitem(
+        sys.modules, "cuda.bindings", fake_module if layout == "cuda.bindings.runtime" else None
+    )
+    trt = FakeTensorRTRuntime(cudart)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    with pytest.raises(EngineError, match="could not deserialize"):
+        ec.EngineRunner(b"junk")
+    (tmp_path / "m.engine").write_bytes(b"plan")
+    runner = ec.EngineRunner(tmp_path / "m.engine")
+    rng = np.random.default_rng(0)
+    for shape, profile in (((1, 1, 32, 32), 0), ((2, 1, 48, 64), 1), ((1, 1, 16, 8), 0), ((1, 1, 64, 64), 1)):
+        x = rng.random(shape, dtype=np.float32)
+        expected = x * np.arange(1, 6, dtype=np.float32)[None, :, None, None] + 10 * profile
+        np.testing.assert_array_equal(runner(x), expected)
+    assert trt.switches == [1, 0, 1]  # switched only when the active profile did not hold the shape
+    assert cudart.calls == ["malloc", "malloc", "free", "malloc", "free", "malloc"]  # grown once, then reused
+    with pytest.raises(EngineError, match=r"input shape \[1, 1, 36, 36\] lies outside every profile"):
+        runner(np.zeros((1, 1, 36, 36), np.float32))
+    runner.close()
+    assert cudart.mem == {}
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 
 
@@ -346,7 +464,7 @@ def trt_env():
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_fp32_engine_2d_verified_against_onnxruntime(trt_env, tmp_path):
-    from embedseg_exporters.tensorrt_build import EngineRunner, build_trt
+    from embedseg_exporters.tensorrt_build import build_trt
 
     kind = _kind(2)
     path, result = exported(kind)
@@ -359,7 +477,7 @@ def test_fp32_engine_2d_verified_against_onnxruntime(trt_env, tmp_path):
     assert facts["compute_capability"] == trt_env["compute_capability"] and facts["tf32"] is False
     names = {c["name"] for c in sidecar["verification"]["cases"]}
     assert {"synthetic", "profile0-min"} <= names
-    runner = EngineRunner(out.read_bytes())
+    runner = ec.EngineRunner(out.read_bytes())
     x = verify.fixture_tile(result.contract, fixture)[1]
     errors = verify.output_errors(runner(x), verify.ort_runner(path)(x), result.contract.spacing)
     assert errors["offset_px"] <= verify.TOLERANCES["engine-fp32"].offset_px
@@ -384,7 +502,6 @@ def test_3d_engine_with_dynamic_profile_and_fp16(trt_env, tmp_path):
 @pytest.mark.gpu
 def test_engine_cache_real_build_is_reused(trt_env, tmp_path):
     from embedseg_exporters.info import describe
-    from embedseg_exporters.tensorrt_build import EngineRunner
 
     path, _ = exported("ours-2d")
     cache = EngineCache(tmp_path)
@@ -393,5 +510,5 @@ def test_engine_cache_real_build_is_reused(trt_env, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert cache.get(path, profiles=profile) == first and first.stat().st_mtime_ns == stamp
     assert describe(first)["problems"] == []
-    out = EngineRunner(first.read_bytes())(np.zeros((1, 1, 64, 64), np.float32))
+    out = ec.EngineRunner(first)(np.zeros((1, 1, 64, 64), np.float32))
     assert out.shape == (1, 5, 64, 64) and np.isfinite(out).all()
