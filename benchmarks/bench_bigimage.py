@@ -4,8 +4,8 @@ Each measurement runs in a fresh subprocess that segments one uncompressed TIFF 
 peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and wall time; the parent makes the
 volumes (a synthetic 3D image tiled to each size) and writes JSON + markdown to ``benchmarks/results/``.
 
-    python benchmarks/bench_bigimage.py [--model M.onnx] [--sizes 16x512x512 32x512x512 64x512x512]
-                                        [--whole] [--threads 2]
+    python benchmarks/bench_bigimage.py [--model M.onnx] [--sizes 16x512x512 ... 64x1024x1024]
+                                        [--block default] [--whole] [--threads 2]
 
 Without ``--model`` the upstream 3D fixture checkpoint is exported (needs torch and the exporter tier).
 ``--whole`` also measures whole-image mode (the volume in memory at once) for comparison, up to
@@ -29,7 +29,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-FIXTURE = REPO.parent / "shared" / "fixtures" / "upstream" / "3d"
+sys.path.insert(0, str(REPO / "benchmarks"))
+from _common import FIXTURES  # noqa: E402
+
+FIXTURE = FIXTURES / "3d"
 
 CHILD = textwrap.dedent(
     """
@@ -40,7 +43,7 @@ CHILD = textwrap.dedent(
     p = Predictor(model, backend="onnx-cpu", threads=int(threads))
     if mode == "blocks":
         from embedseg_deploy.bigimage import predict_big
-        r = predict_big(p, src, out, block=[int(b) for b in block.split("x")])
+        r = predict_big(p, src, out, block=None if block == "default" else [int(b) for b in block.split("x")])
         n, timings = r.n_objects, r.timings
     else:
         from embedseg_deploy.io import read_tiff, write_tiff_atomic
@@ -86,8 +89,14 @@ def measure(model: Path, src: Path, mode: str, threads: int, block: str) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None)
-    parser.add_argument("--sizes", nargs="+", default=["16x512x512", "32x512x512", "64x512x512"])
-    parser.add_argument("--block", default="64x256x256", help="block core size z x y x x")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["16x512x512", "32x512x512", "64x512x512", "128x512x512", "64x1024x1024"],
+    )
+    parser.add_argument(
+        "--block", default="default", help="block core size z x y x x [the runtime's default]"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--whole", action="store_true", help="also measure whole-image mode")
     parser.add_argument("--whole-max-mvoxels", type=float, default=20.0, help="largest volume for --whole")

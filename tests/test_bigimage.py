@@ -11,6 +11,7 @@ import tifffile
 from embedseg_deploy.backends import create_backend
 from embedseg_deploy.bigimage import (
     LazyImage,
+    default_block,
     norm_stats,
     percentiles_from_histogram,
     plan_blocks,
@@ -142,3 +143,22 @@ def test_output_onto_the_input_is_refused(predictors, tmp_path):
     with pytest.raises(InputError, match=r"in\.tif: the output would overwrite the input"):
         predict_big(predictors[2], src, tmp_path / "." / "in.tif", block=32)
     assert src.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["in.tif"]
+
+
+def test_block_regions_share_one_shape_and_hold_their_core_with_context():
+    shape, block, halo = (70, 600, 530), (32, 256, 256), (16, 64, 64)
+    padded = (72, 600, 536)  # rounded up to multiples of 8 at the end
+    plan = plan_blocks(shape, block, halo, 8, "end")
+    assert len({tuple(r.stop - r.start for r in region) for _, region in plan}) == 1
+    for core, region in plan:
+        for c, r, h, p in zip(core, region, halo, padded, strict=True):
+            assert r.start <= c.start and c.stop <= r.stop and r.start % 8 == 0
+            # a full halo of context on each side, unless the region meets the image border there
+            assert c.start - r.start >= h or r.start == 0
+            assert r.stop - c.stop >= h or r.stop == p
+
+
+def test_default_block_keeps_a_thin_axis_whole():
+    assert default_block([64, 512, 512], [16, 64, 64], 3, 8) == [64, 256, 256]
+    assert default_block([200, 2048, 2048], [16, 64, 64], 3, 8) == [32, 256, 256]
+    assert default_block([1024, 1024], [64, 64], 2, 8) == [1024, 1024]
