@@ -154,7 +154,7 @@ def main() -> None:
         default="largest",
         help="block-mode points (bench_bigimage.measure) for the 3D volumes",
     )
-    parser.add_argument("--block", default="64x256x256")
+    parser.add_argument("--block", default="default", help="block core z x y x x [the runtime default]")
     parser.add_argument("--threads", type=int, default=_common.THREADS)
     parser.add_argument(
         "--spinning",
