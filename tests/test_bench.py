@@ -180,7 +180,7 @@ def test_benchmark_runner_quick_results_are_well_formed(toys, tmp_path):
     writes a complete JSON + markdown result (checked by the runner itself and here)."""
     if not (UPSTREAM / "2d" / "checkpoint.pth").is_file():
         pytest.skip("upstream fixture checkpoints absent (the torch side of the benchmarks needs them)")
-    env = {**os.environ, "EMBEDSEG_BENCH_MODELS": str(toys)}
+    env = {**os.environ, "EMBEDSEG_BENCH_MODELS": str(toys), "EMBEDSEG_FIXTURES": str(UPSTREAM)}
     cmd = [
         sys.executable,
         str(REPO / "benchmarks" / "run_all.py"),
