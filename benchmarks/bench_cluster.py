@@ -141,6 +141,35 @@ def time_ours(raw: np.ndarray, repeats: int) -> tuple[list[float], np.ndarray]:
     return times, labels
 
 
+def cuda_status() -> str | None:
+    """None when a real CUDA GPU can run the kernels, else why not."""
+    try:
+        from numba import cuda
+    except ImportError as exc:  # pragma: no cover - numba always has the module
+        return f"numba.cuda unavailable ({exc})"
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "the CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1): no timing"
+    return None if cuda.is_available() else "no CUDA GPU (numba.cuda.is_available() is False)"
+
+
+def time_cuda(raw: np.ndarray, repeats: int) -> tuple[list[float], np.ndarray]:
+    """Kernels + labels back on the host, with the raw output already on the GPU (the runtime's case)."""
+    from numba import cuda
+
+    from embedseg_deploy.cluster_cuda import cluster_cuda
+
+    spacing = [SPACING] * (raw.ndim - 1)
+    device_raw = cuda.to_device(raw)
+    labels = cluster_cuda(device_raw, spacing, min_object_size=MIN_OBJECT_SIZE)  # compile + warm
+    times = []
+    for _ in range(repeats):
+        cuda.synchronize()
+        t0 = time.perf_counter()
+        cluster_cuda(device_raw, spacing, min_object_size=MIN_OBJECT_SIZE)
+        times.append(time.perf_counter() - t0)
+    return times, labels
+
+
 def compile_times() -> dict:
     """First call in a fresh process: with an empty numba cache (compile) and with the cache filled."""
     code = (
@@ -221,16 +250,19 @@ def markdown(report: dict) -> str:
         "Synthetic ideal outputs (tests/_cluster_reference.py `ideal_output`), spacing 1/1023, seed 0.9, "
         f"fg 0.5, min_object_size {MIN_OBJECT_SIZE}.",
         "",
-        "| case | pixels | objects | fg pixels | ours (ms) | upstream (s) | speed-up | identical labels |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| case | pixels | objects | fg pixels | ours (ms) | upstream (s) | speed-up | identical labels "
+        "| CUDA (ms) | CUDA labels == CPU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in report["cases"]:
         up = "-" if r.get("upstream_s") is None else f"{r['upstream_s']:.2f}"
         speedup = "-" if r.get("speedup") is None else f"{r['speedup']:.0f}x"
+        gpu = "-" if r.get("cuda_ms") is None else f"{r['cuda_ms']:.2f}"
         lines.append(
             f"| {r['name']} | {r['pixels']:,} | {r['objects']} | {r['fg_pixels']:,} | {r['ours_ms']:.1f} | "
-            f"{up} | {speedup} | {r.get('identical', '-')} |"
+            f"{up} | {speedup} | {r.get('identical', '-')} | {gpu} | {r.get('cuda_identical', '-')} |"
         )
+    lines += ["", f"CUDA clustering: {report.get('cuda', '-')}."]
     runs = {
         r["name"]: [round(t, 1) for t in r["upstream_times_s"]]
         for r in report["cases"]
@@ -281,6 +313,7 @@ def main() -> None:
 
     numba.set_num_threads(1)
     warm_up()
+    no_cuda = cuda_status()
     load_before = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -298,6 +331,12 @@ def main() -> None:
                 "ours_ms": 1e3 * min(times),
                 "ours_median_ms": 1e3 * float(np.median(times)),
             }
+            if no_cuda is None:
+                cuda_times, cuda_labels = time_cuda(raw, args.repeats)
+                row |= {
+                    "cuda_ms": 1e3 * min(cuda_times),
+                    "cuda_identical": bool(np.array_equal(cuda_labels, labels)),
+                }
             if upstream is not None and up_repeats:
                 info, theirs = run_upstream(upstream, raw, up_repeats, Path(tmp))
                 row |= {
@@ -338,6 +377,7 @@ def main() -> None:
             "min_object_size": MIN_OBJECT_SIZE,
         },
         "cases": results,
+        "cuda": no_cuda or "measured (cuda_ms, cuda_identical per case)",
         "scaling": scaling,
         "compile": compile_times(),
         "parallel": parallel_probe(probe_raw),

@@ -143,3 +143,36 @@ def test_kernels_compile_to_ptx() -> None:
     done = run_python(PTX_SCRIPT, NUMBA_ENABLE_CUDASIM="0")
     assert done.returncode == 0, done.stderr
     assert "compiled" in done.stdout
+
+
+@pytest.mark.gpu
+def test_real_gpu_gives_the_cpu_labels() -> None:
+    """On a CUDA GPU (skipped elsewhere): device-resident outputs cluster to the CPU's labels, 2D and 3D."""
+    done = run_python(GPU_SCRIPT, NUMBA_ENABLE_CUDASIM="0")
+    if done.returncode == 3:
+        pytest.skip(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert results and all(r["same"] and r["labels"] > 0 for r in results), results
+
+
+GPU_SCRIPT = """
+import json, sys
+from numba import cuda
+if not cuda.is_available():
+    print("no CUDA GPU: numba.cuda.is_available() is False")
+    sys.exit(3)
+import numpy as np
+from embedseg_deploy.cluster import cluster
+from embedseg_deploy.cluster_cuda import cluster_cuda
+sys.path.insert(0, "tests")
+from _cluster_reference import ideal_output
+results = []
+for shape, n, radius in [((512, 512), 300, 8.0), ((2048, 2048), 3000, 8.0), ((32, 128, 128), 60, 6.0)]:
+    raw, _ = ideal_output(shape, n, radius, rng=1)
+    spacing = [1 / 1023] * len(shape)
+    cpu = cluster(raw, spacing, min_object_size=20)
+    gpu = cluster_cuda(cuda.to_device(raw), spacing, min_object_size=20)
+    results.append({"shape": shape, "labels": int(cpu.max()), "same": bool(np.array_equal(cpu, gpu))})
+print(json.dumps(results))
+"""
