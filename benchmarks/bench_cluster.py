@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from embedseg_deploy.cluster import cluster, warm_up  # noqa: E402
+from embedseg_deploy.io import atomic_write_text  # noqa: E402
 from tests._cluster_reference import ideal_output  # noqa: E402
 
 SPACING = 1 / 1023  # upstream's default grid: linspace(0, 1, 1024)
@@ -231,12 +232,6 @@ def parallel_probe(raw: np.ndarray) -> dict:
     return result
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def markdown(report: dict) -> str:
     lines = [
         "# Clustering benchmark: embedseg_deploy.cluster vs upstream EmbedSeg 0.2.5 `Cluster.cluster`",
@@ -394,8 +389,8 @@ def main() -> None:
         report["machine"]["cpu"] = names[0] if names else report["machine"]["cpu"]
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "cluster-quick" if args.quick else "cluster"
-    write_atomic(args.out / f"{stem}.json", json.dumps(report, indent=1) + "\n")
-    write_atomic(args.out / f"{stem}.md", markdown(report))
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(args.out / f"{stem}.md", markdown(report))
     print(markdown(report))
 
 
