@@ -144,6 +144,23 @@ def test_tie_breaker_maximises_total_score_not_tp_score():
     expect(matching(y_true, y_pred, 0.41), tp=1, mean_matched_score=6 / 14)
 
 
+def test_most_true_positives_win_over_a_larger_iou_sum():
+    """StarDist's objective ranks assignments by TP count first, total IoU second. One strip, at 0.2:
+    T1 = cols 0-9, T2 = 10-11; P2 = 0-2, P1 = 3-11. IoU(T1,P1) 7/12, IoU(T1,P2) 3/10, IoU(T2,P1) 2/9.
+    T1-P1 alone has the larger IoU sum (0.583 > 0.3 + 0.222) but one TP; T1-P2 + T2-P1 has two, and wins.
+    A plain maximum-IoU-sum assignment would report tp=1 here."""
+    y_true = box((1, 12), (0, 1), (0, 10), label=1)
+    box(None, (0, 1), (10, 12), label=2, out=y_true)
+    y_pred = box((1, 12), (0, 1), (3, 12), label=1)
+    box(None, (0, 1), (0, 3), label=2, out=y_pred)
+    for threshold in (0.2, [0.2, 0.6]):
+        m = matching(y_true, y_pred, threshold, report_matches=True)
+        m = m[0] if isinstance(m, tuple) else m
+        expect(m, tp=2, fp=0, fn=0, accuracy=1.0, mean_matched_score=(3 / 10 + 2 / 9) / 2)
+        assert m.matched_pairs == ((1, 2), (2, 1)) and m.matched_tps == (0, 1)
+    expect(matching(y_true, y_pred, 0.5), tp=1, fp=1, fn=1, mean_matched_score=7 / 12)
+
+
 def test_3d_cubes():
     y_true = box((8, 8, 8), (0, 4), (0, 4), (0, 4), label=2)
     box(None, (6, 8), (6, 8), (6, 8), label=5, out=y_true)
