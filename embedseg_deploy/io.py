@@ -10,6 +10,7 @@ Pixel sizes are in microns and in array order ``(z,) y, x``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import os
 import secrets
 import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -53,10 +54,33 @@ _DEFAULT_DPI = (1.0, 72.0, 96.0, 300.0)
 _IMAGEJ_DTYPES = ("uint8", "uint16", "int16", "float32")
 TIFF_SUFFIXES = (".tif", ".tiff")
 _STEM_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
+PROVENANCE_TAG = 65117
+"""Private TIFF tag (ASCII JSON) holding what made a label file: model sha256 and label settings."""
 
 
 class InputError(ValueError):
     """An input file or array is missing, broken or not what the caller needs; the message names it."""
+
+
+class DiskFullError(OSError):
+    """An output could not be written because its file system is full; the message names the folder."""
+
+    def __init__(self, path: str | os.PathLike):
+        folder = Path(path).parent
+        super().__init__(errno.ENOSPC, f"no space left on {folder} (writing {Path(path).name})")
+        self.path = Path(path)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for the ways a full disk surfaces: ENOSPC/EDQUOT, or numpy's short write without an errno."""
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return exc.errno is None and " requested and " in str(exc) and str(exc).endswith(" written")
 
 
 @dataclass
@@ -323,6 +347,7 @@ def write_tiff_atomic(
     overwrite: bool = False,
     axes: str | None = None,
     compression: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``array`` to ``path`` atomically (see :func:`atomic_writer`) with its pixel size.
 
@@ -332,7 +357,8 @@ def write_tiff_atomic(
     as OME-TIFF with ``PhysicalSize*`` in microns plus the resolution tags (Fiji reads it through
     Bio-Formats). ``pixel_size`` is in microns, array order, one value per spatial axis (the last
     ``len(pixel_size)`` axes). ``axes`` defaults to ``YX`` / ``ZYX`` (``C`` first when there is one more
-    axis). Refuses to replace an existing file unless ``overwrite``; never leaves a partial file.
+    axis). ``provenance`` (JSON-able) is stored in a private tag (:func:`read_provenance`). Refuses to
+    replace an existing file unless ``overwrite``; never leaves a partial file.
     """
     path = Path(path)
     array = np.asarray(array)
@@ -345,7 +371,7 @@ def write_tiff_atomic(
     axes = axes or _default_axes(array.ndim, pixel_size)
     if len(axes) != array.ndim:
         raise InputError(f"{path}: axes {axes!r} do not match array shape {array.shape}")
-    array, kwargs = tiff_write_args(array, axes, pixel_size, path)
+    array, kwargs = tiff_write_args(array, axes, pixel_size, path, provenance)
     if compression is not None:
         kwargs["compression"] = compression
     with atomic_writer(path, overwrite=overwrite) as fh:
@@ -365,13 +391,40 @@ def _default_axes(ndim: int, pixel_size: Sequence[float] | None) -> str:
 
 
 def tiff_write_args(
-    array: np.ndarray, axes: str, pixel_size: Sequence[float] | None, path: str | os.PathLike
+    array: np.ndarray,
+    axes: str,
+    pixel_size: Sequence[float] | None,
+    path: str | os.PathLike,
+    provenance: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, dict]:
     """The array as :func:`write_tiff_atomic` stores it and tifffile's keyword arguments for it.
 
     The one encoding of pixel sizes (ImageJ for its dtypes, else OME); ImageJ wants TZCYXS order, so a
     ``C`` before ``Z`` is moved after it. ``path`` only names the file in errors.
     """
+    array, kwargs = _encode_pixel_size(array, axes, pixel_size, path)
+    if provenance is not None:
+        text = json.dumps(provenance, sort_keys=True, default=_json_default)
+        kwargs["extratags"] = [(PROVENANCE_TAG, "s", 0, text, True)]
+    return array, kwargs
+
+
+def read_provenance(path: str | os.PathLike) -> dict | None:
+    """The ``provenance`` a label file was written with (:func:`write_tiff_atomic`); None if it has none
+    or cannot be read."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            tag = tif.pages.first.tags.get(PROVENANCE_TAG)
+            value = None if tag is None else tag.value
+        doc = json.loads(value) if isinstance(value, str) else None
+    except Exception:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _encode_pixel_size(
+    array: np.ndarray, axes: str, pixel_size: Sequence[float] | None, path: str | os.PathLike
+) -> tuple[np.ndarray, dict]:
     spatial = [a for a in axes if a in "ZYX"]
     if pixel_size is not None:
         pixel_size = [float(p) for p in pixel_size]
@@ -444,23 +497,31 @@ def atomic_writer(path: str | os.PathLike, overwrite: bool = True) -> Iterator[B
     Readers never see a partial file and a failed write leaves ``path`` as it was: the data go to a
     hidden temp file in the same folder, are flushed to disk, then renamed over ``path``. The file gets
     the permissions of any new file (the umask applies). Raises :class:`FileExistsError` for an
-    existing ``path`` unless ``overwrite``, :class:`FileNotFoundError` when its folder is missing.
+    existing ``path`` unless ``overwrite``, :class:`FileNotFoundError` when its folder is missing, and
+    :class:`DiskFullError` ("no space left on <folder>") when the file system is full.
     """
     path = Path(path)
     if not overwrite and path.exists():
         raise FileExistsError(f"{path}: exists (pass overwrite=True to replace it)")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path}: folder {path.parent} does not exist")
-    tmp = temp_file_beside(path)
+    try:
+        tmp = temp_file_beside(path)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path) from None
+        raise
     try:
         with open(tmp, "wb") as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise DiskFullError(path) from None
         raise
     _fsync_dir(path.parent)
 

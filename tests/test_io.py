@@ -23,6 +23,7 @@ from embedseg_deploy.io import (
     atomic_write_json,
     atomic_write_text,
     atomic_writer,
+    read_provenance,
     read_tiff,
     sha256_file,
     temp_file_beside,
@@ -110,6 +111,33 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         write_tiff_atomic(tmp_path / "new.tif", _image((8, 8), "uint8"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.tif"]
     assert path.read_bytes() == before
+
+
+PROVENANCE = {"model_sha256": "ab" * 32, "seed_thresh": np.float32(0.5), "min_object_size": np.int64(36)}
+
+
+@pytest.mark.parametrize(("dtype", "kind"), [("uint16", "imagej"), ("uint32", "ome")])
+@pytest.mark.parametrize(("shape", "pixel_size"), [((20, 30), (0.5, 0.25)), ((4, 20, 30), (2.0, 0.5, 0.25))])
+def test_provenance_round_trip_keeps_pixels_and_pixel_size(tmp_path, dtype, kind, shape, pixel_size):
+    labels = _image(shape, dtype)
+    path = write_tiff_atomic(tmp_path / "labels.tif", labels, pixel_size, provenance=PROVENANCE)
+    assert read_provenance(path) == {"model_sha256": "ab" * 32, "seed_thresh": 0.5, "min_object_size": 36}
+    with tifffile.TiffFile(path) as tif:
+        assert (tif.is_imagej, tif.is_ome) == (kind == "imagej", kind == "ome")
+    t = read_tiff(path)
+    np.testing.assert_array_equal(t.data, labels)
+    assert t.pixel_size == pytest.approx(pixel_size)
+
+
+def test_read_provenance_is_none_without_the_tag(tmp_path):
+    assert read_provenance(write_tiff_atomic(tmp_path / "plain.tif", _image((8, 8), "uint16"))) is None
+    (tmp_path / "notes.tif").write_text("not a TIFF")
+    assert read_provenance(tmp_path / "notes.tif") is None
+    assert read_provenance(tmp_path / "missing.tif") is None
+    tifffile.imwrite(
+        tmp_path / "other.tif", _image((8, 8), "uint8"), extratags=[(io.PROVENANCE_TAG, "s", 0, "[1]", True)]
+    )
+    assert read_provenance(tmp_path / "other.tif") is None  # the tag, but not a JSON object
 
 
 def test_written_file_has_normal_permissions(tmp_path):
