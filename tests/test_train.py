@@ -228,3 +228,42 @@ def test_background_id_option_maps_that_value_to_background(tmp_path):
     plain = _resolve(TrainConfig(data_dir=str(root), out=str(tmp_path / "run2")))
     plain_max = plain.contract.data_properties["max_object_size"]  # background 1 read as one object
     assert plain_max > 2 * shifted.contract.data_properties["max_object_size"]
+
+
+def _poison_training_losses(monkeypatch, bad_calls):
+    """Make the training loss NaN on the given (0-based) training calls; validation stays untouched."""
+    import embedseg_training.train as train_module
+
+    real, calls = train_module.spatial_embedding_loss, []
+
+    def loss(*args, compute_iou=False, **kw):
+        res = real(*args, compute_iou=compute_iou, **kw)
+        if compute_iou:
+            return res
+        calls.append(len(calls))
+        return res._replace(loss=res.loss * float("nan")) if calls[-1] in bad_calls else res
+
+    monkeypatch.setattr(train_module, "spatial_embedding_loss", loss)
+    return calls
+
+
+def test_non_finite_loss_skips_the_step_and_keeps_the_weights_finite(data2d, tmp_path, monkeypatch):
+    calls = _poison_training_losses(monkeypatch, {0, 1})
+    config = _tiny(data2d, tmp_path / "nan", epochs=1, iterations=3, crop_size=[32, 32])
+    with pytest.warns(RuntimeWarning, match=r"epoch 1, batch [12]: loss is nan .*step skipped") as caught:
+        result = train(config, progress=False)
+    assert len(calls) == 3 and len([w for w in caught if "step skipped" in str(w.message)]) == 2
+    row = result.log[0]
+    assert row["skipped_steps"] == 2 and np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
+    state = load_checkpoint(result.last_checkpoint)["model_state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    with open(result.run_dir / "log.csv") as f:
+        assert next(csv.DictReader(f))["skipped_steps"] == "2"
+
+
+def test_training_stops_after_five_non_finite_losses_in_a_row(data2d, tmp_path, monkeypatch):
+    calls = _poison_training_losses(monkeypatch, set(range(100)))
+    config = _tiny(data2d, tmp_path / "nan", epochs=2, iterations=8, crop_size=[32, 32])
+    with pytest.warns(RuntimeWarning), pytest.raises(TrainError, match=r"nan for 5 batches in a row.*--lr"):
+        train(config, progress=False)
+    assert len(calls) == 5 and not (tmp_path / "nan" / "last.pth").exists()

@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +57,12 @@ LOG_FIELDS = (
     "lr",
     "crops_per_s",
     "data_time_fraction",
+    "skipped_steps",
     "time_s",
 )
 POLY_POWER = 0.9
 UPSTREAM_GRID = 1024
+MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training stops
 
 
 class TrainError(ValueError):
@@ -336,9 +339,14 @@ def _batch_to(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Ten
     return tuple(batch[k].to(device, non_blocking=True) for k in ("image", "instance", "center"))
 
 
-def _train_epoch(model, loader, opt, scaler, contract, fg_weight, device, use_amp, bar) -> dict[str, float]:
+def _train_epoch(
+    model, loader, opt, scaler, contract, fg_weight, device, use_amp, bar, epoch=0
+) -> dict[str, float]:
+    """One pass over ``loader``. A batch whose loss is NaN/inf is skipped before backward (on the CPU,
+    without a grad scaler, one NaN step would poison every weight), with a warning; after
+    :data:`MAX_NONFINITE_STEPS` such batches in a row the run stops with a :class:`TrainError`."""
     model.train()
-    losses, n_crops, data_time = [], 0, 0.0
+    losses, n_crops, data_time, skipped, in_a_row = [], 0, 0.0, 0, 0
     start = time.perf_counter()
     batches = iter(loader)
     while True:
@@ -352,6 +360,23 @@ def _train_epoch(model, loader, opt, scaler, contract, fg_weight, device, use_am
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             pred = model(image)
         res = spatial_embedding_loss(pred, instance, center, contract.spacing, fg_weight)
+        if not torch.isfinite(res.loss.detach()).item():
+            skipped, in_a_row = skipped + 1, in_a_row + 1
+            names = ", ".join(sorted(set(map(str, batch["name"]))))
+            if in_a_row >= MAX_NONFINITE_STEPS:
+                raise TrainError(
+                    f"epoch {epoch + 1}: the loss was {res.loss.item()} for {in_a_row} batches in a row, "
+                    f"so training stopped (no step was taken on them; last.pth holds the last finished "
+                    f"epoch, if any). Try a lower --lr or --no-amp, or check the images (last batch: {names})"
+                )
+            warnings.warn(
+                f"epoch {epoch + 1}, batch {skipped + len(losses)}: loss is {res.loss.item()} (images "
+                f"{names}); step skipped, weights unchanged",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            continue
+        in_a_row = 0
         scaler.scale(res.loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -363,6 +388,7 @@ def _train_epoch(model, loader, opt, scaler, contract, fg_weight, device, use_am
         "train_loss": float(np.mean(losses)) if losses else float("nan"),
         "crops_per_s": n_crops / elapsed,
         "data_time_fraction": data_time / elapsed,
+        "skipped_steps": skipped,
     }
 
 
@@ -485,7 +511,9 @@ def train(
         t_epoch = time.perf_counter()
         bar = _Progress(progress, len(train_loader), f"epoch {epoch + 1}/{n_epochs}")
         try:
-            stats = _train_epoch(model, train_loader, opt, scaler, contract, fg_weight, device, use_amp, bar)
+            stats = _train_epoch(
+                model, train_loader, opt, scaler, contract, fg_weight, device, use_amp, bar, epoch
+            )
         finally:
             bar.close()
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
@@ -524,7 +552,8 @@ def train(
             click.echo(
                 f"epoch {epoch + 1}/{n_epochs}: train loss {row['train_loss']:.4f}, "
                 f"val loss {val_loss:.4f}, val IoU {val_iou:.4f}{' (best)' if improved else ''}, "
-                f"lr {lr:.2e}, {row['crops_per_s']:.1f} crops/s, data {100 * row['data_time_fraction']:.0f}%",
+                f"lr {lr:.2e}, {row['crops_per_s']:.1f} crops/s, data {100 * row['data_time_fraction']:.0f}%"
+                + (f", {row['skipped_steps']} non-finite step(s) skipped" if row["skipped_steps"] else ""),
                 err=True,
             )
         epoch_times.append(time.perf_counter() - t_epoch)
