@@ -281,6 +281,9 @@ def to_channels_first(
       ``channel_axis``.
     * any other number of dimensions raises.
 
+    Errors speak of dimensions where the file's ``axes`` do: a stack (``ZYX``, ``TYX``) for a 2D model whose
+    slices do not fit as channels is "3D, the model is 2D"; an RGB ``YXS`` image for a 3D model is 2D.
+
     Returns a view when possible; the input is never modified.
     """
     data = np.asarray(data)
@@ -300,22 +303,65 @@ def channel_axis_of(
     from the shape alone, so a file's header is enough."""
     where = f"{path}: " if path is not None else ""
     shape = tuple(int(s) for s in shape)
+    named = axes.upper() if axes is not None and len(axes) == len(shape) else None
     if len(shape) == ndim:
+        if ndim == 3 and named == "YXS":
+            raise InputError(
+                f"{where}the image is 2D with {shape[2]} samples per pixel (RGB, axes YXS, shape {shape}) "
+                f"but the model is 3D; use a 2D model"
+            )
         return None
-    if len(shape) != ndim + 1:
+    if len(shape) < ndim:
+        use = "; use a 2D model" if len(shape) == 2 else ""
         raise InputError(
+            f"{where}wrong number of dimensions: the image is {len(shape)}D (shape {shape}) but the model "
+            f"is {ndim}D{use}"
+        )
+    too_deep = _stack_error(shape, ndim, named, where) if channel_axis is None else None
+    if len(shape) != ndim + 1:
+        raise too_deep or InputError(
             f"{where}wrong number of dimensions: shape {shape} is neither {ndim}D nor {ndim}D "
             f"with one channel axis"
         )
-    if channel_axis is None and axes is not None and len(axes) == len(shape):
-        named = [a for a, name in enumerate(axes.upper()) if name in "CS"]
-        channel_axis = named[0] if len(named) == 1 else None
-    axis = _channel_axis(shape, in_channels, channel_axis, where)
-    if in_channels is not None and shape[axis] != in_channels:
-        raise InputError(
-            f"{where}channel axis {axis} of shape {shape} has {shape[axis]} channels, expected {in_channels}"
-        )
+    if channel_axis is None and named is not None:
+        declared = [a for a, name in enumerate(named) if name in "CS"]
+        channel_axis = declared[0] if len(declared) == 1 else None
+    try:
+        axis = _channel_axis(shape, in_channels, channel_axis, where)
+        if in_channels is not None and shape[axis] != in_channels:
+            raise InputError(
+                f"{where}channel axis {axis} of shape {shape} has {shape[axis]} channels, "
+                f"expected {in_channels}"
+            )
+    except InputError:
+        if too_deep is not None:
+            raise too_deep from None
+        raise
     return axis
+
+
+_STACK_AXES = {"Z": "z slices", "T": "time points"}
+
+
+def _stack_error(shape: tuple[int, ...], ndim: int, named: str | None, where: str) -> InputError | None:
+    """The error for an image whose own axes name more stack axes (``Z``, ``T``) than a ``ndim`` model has.
+
+    A Z-stack for a 2D model used to get channel-axis advice, then "has 32 channels, expected 1". It is
+    raised only where the channel rule fails: this package's writer and others declare ``ZYX`` for any
+    3D array, so a declared Z whose size fits as channels does not prove a stack. A 3D model takes a
+    ``TYX`` file as a volume (stacks saved as frames are common).
+    """
+    if named is None:
+        return None
+    stacks = [(name, n) for name, n in zip(named, shape, strict=True) if name in _STACK_AXES]
+    if 2 + len(stacks) <= ndim:
+        return None
+    what = " of ".join(f"{n} {_STACK_AXES[name]}" for name, n in stacks)
+    use = " or use a 3D model" if len(stacks) == 1 else ""
+    return InputError(
+        f"{where}the image is {2 + len(stacks)}D ({what}; axes {named}, shape {shape}) but the model is "
+        f"{ndim}D: split it into {ndim}D images{use}"
+    )
 
 
 def _channel_axis(

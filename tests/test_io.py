@@ -331,6 +331,11 @@ def test_tiff_stem_and_folder_listing(tmp_path):
         ((10, 5, 12), 2, {"channel_axis": 1}, 1),
         ((6, 10, 12), 2, {"channel_axis": -3}, 0),
         ((4, 2, 10, 12), 3, {"axes": "ZCYX"}, 1),  # the file names its channel axis
+        ((32, 10, 12), 2, {"axes": "ZYX", "channel_axis": 0, "in_channels": 32}, 0),  # the user overrides
+        ((2, 10, 12), 2, {"axes": "ZYX"}, 0),  # write_tiff_atomic declares ZYX for any 3D array: it fits
+        ((3, 10, 12), 2, {"axes": "ZYX", "in_channels": 3}, 0),
+        ((8, 10, 12), 3, {"axes": "TYX"}, None),  # a 3D model takes frames as a volume
+        ((2, 10, 12), 3, {"axes": "CYX"}, None),  # tifffile's ImageJ/OME default axes for any 3D array
     ],
 )
 def test_channel_rule(shape, ndim, kwargs, axis):
@@ -349,12 +354,45 @@ def test_channel_rule(shape, ndim, kwargs, axis):
         ((2, 3, 10, 12), 2, {}, "wrong number of dimensions"),
         ((3, 10, 12), 2, {"in_channels": 2}, "expected 2"),
         ((3, 10, 12), 2, {"channel_axis": 5}, "out of range"),
+        ((10, 12), 3, {}, r"the image is 2D \(shape \(10, 12\)\) but the model is 3D; use a 2D model"),
+        ((10, 12, 3), 3, {"axes": "YXS"}, r"the image is 2D with 3 samples per pixel .* the model is 3D"),
+        (
+            (32, 10, 12),
+            2,
+            {"axes": "ZYX", "in_channels": 1},
+            r"the image is 3D \(32 z slices; axes ZYX, shape \(32, 10, 12\)\) but the model is 2D: "
+            r"split it into 2D images or use a 3D model$",
+        ),
+        ((3, 10, 12), 2, {"axes": "ZYX", "in_channels": 1}, r"image is 3D \(3 z slices.*model is 2D"),
+        ((8, 10, 12), 2, {"axes": "TYX"}, r"image is 3D \(8 time points.*model is 2D: split it into 2D"),
+        ((4, 2, 10, 12), 2, {"axes": "ZCYX"}, r"image is 3D \(4 z slices; axes ZCYX.*use a 3D model$"),
+        ((3, 5, 10, 12), 3, {"axes": "TZYX", "in_channels": 1}, r"image is 4D \(3 time points of 5 z slices"),
+        (
+            (32, 10, 12),
+            2,
+            {"axes": "ZYX", "channel_axis": 0, "in_channels": 1},
+            "has 32 channels, expected 1",
+        ),
     ],
 )
 def test_channel_rule_errors_name_the_file(shape, ndim, kwargs, match):
     with pytest.raises(InputError, match=match) as err:
         to_channels_first(np.zeros(shape), ndim, path="some/file.tif", **kwargs)
     assert str(err.value).startswith("some/file.tif: ")
+
+
+@pytest.mark.parametrize("write", ["imagej", "ome"])
+def test_z_stack_file_for_a_2d_model_is_called_3d(tmp_path, write):
+    stack = _image((32, 16, 16), "uint16")
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack, **{write: True}, metadata={"axes": "ZYX"})
+    t = read_tiff(path)
+    with pytest.raises(
+        InputError, match=r"stack\.tif: the image is 3D \(32 z slices.*the model is 2D"
+    ) as err:
+        to_channels_first(t.data, 2, in_channels=1, path=path, axes=t.axes)
+    assert "channels, expected" not in str(err.value)
+    assert to_channels_first(t.data, 3, in_channels=1, path=path, axes=t.axes).shape == (1, 32, 16, 16)
 
 
 def test_channel_rule_does_not_copy_or_modify():
