@@ -220,12 +220,13 @@ def tiff_pixel_size(tif: tifffile.TiffFile, axes: str) -> tuple[float, ...] | No
         unit_um = {3: 1e4, 2: 25400.0}.get(res_unit)
     if unit_um is None or xres is None or yres is None:
         return None
-    px_per_unit = [_ratio(yres.value), _ratio(xres.value)]
-    if any(v is None or v <= 0 for v in px_per_unit):
+    px_per_unit = [_rational(yres.value), _rational(xres.value)]  # (pixels, units)
+    if None in px_per_unit:
         return None
-    if unit is None and unit_um == 25400.0 and any(v in _DEFAULT_DPI for v in px_per_unit):
+    if unit is None and unit_um == 25400.0 and any(n / d in _DEFAULT_DPI for n, d in px_per_unit):
         return None
-    yx = tuple(unit_um / v for v in px_per_unit)
+    # units * unit_um / pixels in one division: 1/0.65 stored as 20/13 reads back as 0.65 exactly
+    yx = tuple(d * unit_um / n for n, d in px_per_unit)
     if "Z" in axes:
         spacing = ij.get("spacing")
         if spacing is None or not float(spacing) > 0:
@@ -234,12 +235,13 @@ def tiff_pixel_size(tif: tifffile.TiffFile, axes: str) -> tuple[float, ...] | No
     return yx
 
 
-def _ratio(value) -> float | None:
+def _rational(value) -> tuple[float, float] | None:
+    """A TIFF RATIONAL ``(numerator, denominator)`` as two positive floats; None for anything else."""
     try:
-        num, den = value
-        return float(num) / float(den) if den else None
+        num, den = (float(v) for v in value)
     except (TypeError, ValueError):
         return None
+    return (num, den) if num > 0 and den > 0 else None
 
 
 def _ome_pixel_size(xml: str | None, axes: str) -> tuple[float, ...] | None:
