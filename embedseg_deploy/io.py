@@ -90,12 +90,14 @@ class TiffImage:
     ``pixel_size`` (microns, array order) has one value per spatial axis the file names: ``(z, y, x)``
     when the file declares a Z axis with its spacing, else ``(y, x)``; ``None`` when unknown.
     ``axes`` is tifffile's series axes string (e.g. ``'YX'``, ``'ZYX'``, ``'CYX'``, ``'QYX'``).
+    ``notes`` are warnings for the user, naming the file (e.g. :func:`series_note`).
     """
 
     data: np.ndarray
     pixel_size: tuple[float, ...] | None
     axes: str | None
     path: Path
+    notes: tuple[str, ...] = ()
 
 
 def read_tiff(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> TiffImage:
@@ -116,6 +118,7 @@ def read_tiff(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Ti
             _check_not_truncated(path, tif, series, file_size, log.messages)
             data = series.asarray()
             pixel_size = tiff_pixel_size(tif, axes)
+            note = series_note(tif, path)
     except InputError:
         raise
     except MemoryError:
@@ -124,7 +127,36 @@ def read_tiff(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Ti
         raise InputError(f"{path}: unreadable or corrupt TIFF ({type(exc).__name__}: {exc})") from None
     if data.size == 0:
         raise InputError(f"{path}: image is empty (shape {data.shape})")
-    return TiffImage(data=data, pixel_size=pixel_size, axes=axes, path=path)
+    notes = () if note is None else (note,)
+    return TiffImage(data=data, pixel_size=pixel_size, axes=axes, path=path, notes=notes)
+
+
+# Series that some formats (SVS, NDPI, ...) list beside the image: not images of their own.
+_AUXILIARY_SERIES = ("thumbnail", "label", "macro", "map")
+
+
+def series_note(tif: tifffile.TiffFile, path: str | os.PathLike) -> str | None:
+    """A warning naming ``path`` when the open ``tif`` holds images besides its first series, which alone
+    is read; None when it holds one.
+
+    Pyramid levels of a series are not separate images, nor are reduced-resolution copies, thumbnails,
+    slide labels and macro photos, which tifffile lists as series of their own in some formats.
+    """
+    others = [s for s in tif.series[1:] if _is_separate_image(s)]
+    if not others:
+        return None
+    first = tif.series[0]
+    return (
+        f"{path}: holds {1 + len(others)} separate images (TIFF series); only the first "
+        f"(shape {tuple(first.shape)}, axes {first.axes}) is used"
+    )
+
+
+def _is_separate_image(series: tifffile.TiffPageSeries) -> bool:
+    name = (series.name or "").strip().lower()
+    if name.split(" ")[0] in _AUXILIARY_SERIES:
+        return False
+    return not series.keyframe.is_reduced
 
 
 def _check_declared(path: Path, shape: tuple[int, ...], dtype: np.dtype, max_bytes: int) -> None:
