@@ -323,25 +323,23 @@ def grid_check(raw_file: Path, image: Path, ort: Predictor, up_labels: np.ndarra
     data = np.load(raw_file)
     up_raw, xs, ys = data["raw"], data["x"], data["y"]
     x = ort.prepare(read_tiff(image).data)
-    raw = ort.predict_raw(x)
-    before = ort.origin(x.shape[1:])
-    h, w = x.shape[1:]
-    coords = [ys[before[0] : before[0] + h], xs[before[1] : before[1] + w]]
+    raw = ort.predict_raw(x)  # the padded output, as upstream's
+    h, w = raw.shape[1:]
     t = ort.thresholds
     labels = cluster(
         raw,
         ort.contract.spacing,
-        coords=coords,
+        coords=[ys[:h], xs[:w]],
         seed_thresh=t["seed_thresh"],
         fg_thresh=t["fg_thresh"],
         min_object_size=t["min_object_size"],
     )
-    crop = (slice(None), slice(before[0], before[0] + h), slice(before[1], before[1] + w))
+    keep = ort.crop(x.shape[1:])
     return {
         "upstream_spacing": [float(ys[1] - ys[0]), float(xs[1] - xs[0])],
         "model_spacing": list(ort.contract.spacing),
-        "raw_max_abs_diff": float(np.max(np.abs(raw - up_raw[crop]))),
-        "labels_with_upstream_grid": agreement(up_labels, labels),
+        "raw_max_abs_diff": float(np.max(np.abs(raw - up_raw[:, :h, :w]))),
+        "labels_with_upstream_grid": agreement(up_labels, labels[keep]),
     }
 
 

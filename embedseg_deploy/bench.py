@@ -324,7 +324,7 @@ class Target:
             self.calls.append((time.perf_counter() - t0, int(batch.shape[0])))
             return out
 
-        def keep_raw(raw: np.ndarray, origin: Sequence[int], return_seeds: bool = False):
+        def keep_raw(raw: np.ndarray, origin: Sequence[int] | None = None, return_seeds: bool = False):
             self.last_raw = raw
             return cluster(raw, origin, return_seeds)
 

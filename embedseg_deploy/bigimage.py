@@ -353,10 +353,11 @@ def predict_big(
             t0 = _tick(timings, "normalize", t0)
             raw = predictor.predict_raw(x)
             t0 = _tick(timings, "predict", t0)
-            # cluster the image part only: mirrored objects in the rounding padding are not objects
+            # cluster the whole region, rounding padding included, as whole-image prediction does
+            # (a seed in the padding may start an object reaching into the image); crop afterwards
             inside, local = _inside(region, before, spatial)
-            origin = [sl.start + b for sl, b in zip(inside, before, strict=True)]  # padded coordinates
-            labels, seeds = predictor.cluster(raw[(slice(None), *local)], origin, return_seeds=True)
+            labels, seeds = predictor.cluster(raw, [r.start for r in region], return_seeds=True)
+            labels = labels[local]
             del raw, x
             # keep the objects whose seed (row k - 1 for label k, padded coordinates) is in this core
             starts, stops = [sl.start for sl in core], [sl.stop for sl in core]

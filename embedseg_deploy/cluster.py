@@ -60,6 +60,7 @@ __all__ = [
     "cluster",
     "cluster_cuda",
     "cluster_from_contract",
+    "consecutive_labels",
     "on_gpu",
     "seediness_map",
     "warm_up",
@@ -493,6 +494,41 @@ def cluster(
     if return_seeds:
         return labels, seeds_to_global(seeds, shape, origin)
     return labels
+
+
+@numba.njit(cache=True)
+def _consecutive(flat: np.ndarray) -> int:
+    k = 0
+    for v in flat:
+        k = max(k, v)
+    lut = np.zeros(k + 1, np.int32)
+    for v in flat:
+        lut[v] = 1
+    lut[0] = 0
+    n = 0
+    for i in range(1, k + 1):
+        if lut[i]:
+            n += 1
+            lut[i] = n
+    for i in range(flat.size):
+        flat[i] = lut[flat[i]]
+    return n
+
+
+def consecutive_labels(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """``labels`` renumbered 1..n in the order of their ids (0 stays background), and n, the number of
+    objects.
+
+    The clustering's ids have gaps: an object whose pixels a later object overwrote, or that lay in the
+    rounding padding cropped away, leaves its id unused. Renumbering makes the largest id the object count.
+    Renumbers a C-contiguous int32 ``labels`` IN PLACE (anything else is copied first), so a whole-image
+    label array costs no second copy; needs one id table beyond it.
+    """
+    out = np.ascontiguousarray(labels, dtype=np.int32)
+    if out.size and int(out.min()) < 0:
+        raise ValueError("labels must be non-negative")
+    n = _consecutive(out.reshape(-1)) if out.size else 0
+    return out, int(n)
 
 
 def cluster_cuda(raw: Any, spacing: Sequence[float], **kwargs: Any) -> Any:

@@ -201,7 +201,12 @@ class Predictor:
             raise InputError(f"{where}{exc}") from None
 
     def predict_raw(self, x: np.ndarray, stats: dict[str, float] | None = None) -> np.ndarray:
-        """Raw network output ``(2*ndim+1, *spatial)`` for a prepared image ``(C, *spatial)``."""
+        """Raw network output ``(2*ndim+1, *padded)`` for a prepared image ``(C, *spatial)``.
+
+        The output covers the image reflect-padded to the tile multiple, padding included: upstream
+        clusters that whole output and crops the labels afterwards (a seed in the padding can start an
+        object that reaches into the image). :meth:`crop` selects the image in it.
+        """
         c = self.contract
 
         def tiled(img: np.ndarray) -> np.ndarray:
@@ -219,24 +224,32 @@ class Predictor:
                 multiple=c.tile_multiple,
                 progress=None if self.tta else self.progress,
                 stats=stats,
+                crop=False,
             )
 
         if not self.tta:
             return tiled(x)
-        return predict_tta(x, tiled, multiple=c.tile_multiple, placement=c.padding, progress=self.progress)
+        return predict_tta(
+            x, tiled, multiple=c.tile_multiple, placement=c.padding, progress=self.progress, crop=False
+        )
 
-    def origin(self, spatial: Sequence[int]) -> list[int]:
-        """Grid index of pixel 0: the rounding padding before it (upstream's grid starts at the padded
-        image)."""
-        return [b for b, _ in pad_widths(spatial, self.contract.tile_multiple, self.contract.padding)]
+    def crop(self, spatial: Sequence[int]) -> tuple[slice, ...]:
+        """Where an image of shape ``spatial`` lies in :meth:`predict_raw`'s padded output."""
+        widths = pad_widths(spatial, self.contract.tile_multiple, self.contract.padding)
+        return tuple(slice(b, b + n) for (b, _), n in zip(widths, spatial, strict=True))
 
     def cluster(
-        self, raw: np.ndarray, origin: Sequence[int], return_seeds: bool = False
+        self, raw: np.ndarray, origin: Sequence[int] | None = None, return_seeds: bool = False
     ) -> np.ndarray | tuple[np.ndarray, Any]:
+        """Labels of a raw output with this predictor's thresholds (``origin`` shifts returned seeds)."""
         from .cluster import cluster
 
         return cluster(
-            raw, self.contract.spacing, origin=list(origin), return_seeds=return_seeds, **self.thresholds
+            raw,
+            self.contract.spacing,
+            origin=None if origin is None else list(origin),
+            return_seeds=return_seeds,
+            **self.thresholds,
         )
 
     def run(
@@ -248,7 +261,8 @@ class Predictor:
         want_seeds: bool = False,
         path: Any = None,
     ) -> Result:
-        """Segment one image; returns labels (int32), the seed map if asked, timings and warnings."""
+        """Segment one image; returns labels (int32, ids 1..n_objects), the seed map if asked, timings and
+        warnings. Upstream's order: the padded output is clustered, then the labels are cropped."""
         timings: dict[str, float] = {}
         notes: list[str] = []
         where = f"{path}: " if path is not None else ""
@@ -267,14 +281,12 @@ class Predictor:
         t2 = time.perf_counter()
         timings.update(stats)
         timings["predict"] = t2 - t1
-        labels = np.asarray(self.cluster(raw, self.origin(x.shape[1:])))
-        timings["cluster"] = time.perf_counter() - t2
-        seeds = None
-        if want_seeds:
-            from .cluster import seediness_map
+        from .cluster import consecutive_labels, seediness_map  # numba loads in the CLI's warm-up thread
 
-            seeds = seediness_map(raw[-1])
-        n = int(labels.max()) if labels.size else 0
+        keep = self.crop(x.shape[1:])
+        labels, n = consecutive_labels(np.asarray(self.cluster(raw))[keep])
+        timings["cluster"] = time.perf_counter() - t2
+        seeds = seediness_map(raw[-1][keep]) if want_seeds else None
         return Result(labels=labels, seeds=seeds, n_objects=n, timings=timings, warnings=notes)
 
     def predict(self, image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:

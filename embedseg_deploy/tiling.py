@@ -1,7 +1,8 @@
 """Tiled prediction that reproduces whole-image prediction.
 
 Whole-image prediction (upstream EmbedSeg): reflect-pad the image up to a multiple of 8
-(:func:`pad_widths`), run the network once, crop the padding away. BranchedERFNet has a total stride of 8
+(:func:`pad_widths`), run the network once, cluster the whole padded output, then crop the labels (so
+``crop=False`` keeps the padding in the output for the clustering). BranchedERFNet has a total stride of 8
 and pads its convolutions with zeros, so its output is shift-equivariant only for shifts by multiples of
 8, and it sees zeros beyond the padded image. A tile plan keeps both properties:
 
@@ -129,12 +130,14 @@ def plan_tiles(
     halo: int | Sequence[int] = 0,
     multiple: int = TILE_MULTIPLE,
     placement: str = "center",
+    crop: bool = True,
 ) -> list[Tile]:
     """Tiles covering an image of spatial ``shape`` (array order), in C order of their positions.
 
     ``tile=None`` means one tile: whole-image prediction. Sizes and halos must be multiples of
     ``multiple``. Along an axis cut into several tiles, a tile must be larger than twice its halo.
-    See the module docstring for the plan.
+    ``crop=False`` keeps the rounding padding in the cores: ``dest`` then indexes the padded image (the
+    output that upstream clusters). See the module docstring for the plan.
     """
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
@@ -152,10 +155,12 @@ def plan_tiles(
     for combo in product(*axes):
         origin, core, dest, size = [], [], [], []
         for (start, lo, hi, s), (b, _), n in zip(combo, widths, shape, strict=True):
-            lo, hi = max(lo, b), min(hi, b + n)  # drop the rounding padding from the kept part
+            first = 0 if crop else b  # index of the image's first pixel in the output
+            if crop:
+                lo, hi = max(lo, b), min(hi, b + n)  # drop the rounding padding from the kept part
             origin.append(start - b)
             core.append(slice(lo - start, hi - start))
-            dest.append(slice(lo - b, hi - b))
+            dest.append(slice(lo - b + first, hi - b + first))
             size.append(s)
         plan.append(Tile(tuple(origin), tuple(size), tuple(core), tuple(dest)))
     return plan
@@ -224,8 +229,12 @@ def predict_tiled(
     progress: ProgressFn | None = None,
     stats: dict[str, float] | None = None,
     pad_last_batch: bool = False,
+    crop: bool = True,
 ) -> np.ndarray:
     """Raw network output (out_channels, *spatial) float32 for ``image`` (C, *spatial), tile by tile.
+
+    ``crop=False`` returns the output of the padded image, rounding padding included (the shape
+    :func:`pad_widths` gives), which is what upstream clusters before it crops the labels.
 
     ``run`` maps a float32 batch (N, C, *tile) to raw outputs (N, out_channels, *tile). ``progress(done,
     total)`` is called after each batch with tile counts. ``stats`` accumulates seconds under ``'tile'``
@@ -237,8 +246,9 @@ def predict_tiled(
         raise ValueError(f"image must be (C, *spatial), got shape {image.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    plan = plan_tiles(image.shape[1:], tile, halo, multiple, placement)
-    out_shape = (out_channels, *image.shape[1:])
+    plan = plan_tiles(image.shape[1:], tile, halo, multiple, placement, crop)
+    widths = [(0, 0)] * (image.ndim - 1) if crop else pad_widths(image.shape[1:], multiple, placement)
+    out_shape = (out_channels, *(n + b + a for n, (b, a) in zip(image.shape[1:], widths, strict=True)))
     out = None
     for first in range(0, len(plan), batch_size):
         t0 = time.perf_counter()

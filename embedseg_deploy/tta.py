@@ -109,13 +109,15 @@ def predict_tta(
     placement: str = "center",
     transforms: Sequence[Transform] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    crop: bool = True,
 ) -> np.ndarray:
     """Raw outputs (out, *spatial) float32 for ``image`` (C, *spatial), averaged over the TTA group.
 
     The image is reflect-padded to ``multiple`` as ``placement`` says (``multiple=1``: no padding). Each
     transform of the padded image goes through ``predict_fn`` ((C, *s) -> (out, *s)) and back through
     :func:`inverse_output`. The raw (pre-activation) outputs are averaged with equal weights, as
-    upstream does, and the padding is cropped. ``progress(done, total)`` is called after each transform.
+    upstream does, and the padding is cropped unless ``crop=False``. ``progress(done, total)`` is called
+    after each transform.
     """
     ndim = image.ndim - 1
     transforms = group(ndim) if transforms is None else list(transforms)
@@ -137,5 +139,7 @@ def predict_tta(
     if total is None:
         raise ValueError("no transforms given")
     total /= np.float32(len(transforms))
-    crop = tuple(slice(b, b + n) for (b, _), n in zip(widths, image.shape[1:], strict=True))
-    return np.ascontiguousarray(total[(slice(None), *crop)])
+    if not crop:
+        return total
+    keep = tuple(slice(b, b + n) for (b, _), n in zip(widths, image.shape[1:], strict=True))
+    return np.ascontiguousarray(total[(slice(None), *keep)])

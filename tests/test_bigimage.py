@@ -79,7 +79,9 @@ def test_blocks_find_the_objects_of_whole_image_mode(shape, block, compress, pre
     out = tmp_path / "labels.tif"
     result = predict_big(predictor, src, out, block=block, block_halo=16)
     labels = read_tiff(out)
-    assert result.blocks > 4 and result.n_objects == whole.max() == truth.max()
+    # >=: a ball near the end of an axis has a mirror image in the rounding padding whose seed starts an
+    # object reaching into the image, as in upstream's whole-image prediction
+    assert result.blocks > 4 and result.n_objects == whole.max() >= truth.max()
     assert labels.data.dtype == np.uint16 and labels.data.max() == result.n_objects
     assert same_partition(labels.data, whole)
     assert src.read_bytes() == before

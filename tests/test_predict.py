@@ -174,15 +174,31 @@ def test_thresholds_override_the_contract(cpu2d):
 
 def test_labels_widen_to_uint32_past_65535_objects(cpu2d, tmp_path, monkeypatch):
     assert label_dtype(65535) == np.uint16 and label_dtype(65536) == np.uint32
-    image, _ = blobs((40, 40), 2, seed=0)
+    image, _ = blobs((264, 256), 2, seed=0)
     tifffile.imwrite(tmp_path / "in.tif", image)
     predictor = Predictor(cpu2d)
-    many = np.arange(40 * 40, dtype=np.int32).reshape(40, 40) + 65000
-    monkeypatch.setattr(predictor, "cluster", lambda raw, origin, return_seeds=False: many)
+    many = np.arange(1, 264 * 256 + 1, dtype=np.int32).reshape(264, 256)  # 67584 one-pixel objects
+    monkeypatch.setattr(predictor, "cluster", lambda raw, origin=None, return_seeds=False: many)
     summary = predict_files(predictor, [tmp_path / "in.tif"], tmp_path / "out")
     out = tifffile.imread(tmp_path / "out" / "in.tif")
     assert summary["failed"] == 0 and out.dtype == np.uint32
     np.testing.assert_array_equal(out, many)
+
+
+def test_objects_are_counted_and_ids_made_consecutive(cpu2d, tmp_path, monkeypatch):
+    """The clustering leaves gaps in its ids (overwritten objects, objects in the cropped padding): the
+    file holds ids 1..n in the clustering's order and ``objects`` is n, not the largest raw id."""
+    image, _ = blobs((48, 64), 2, seed=0)
+    tifffile.imwrite(tmp_path / "in.tif", image)
+    gappy = np.zeros((48, 64), np.int32)
+    gappy[:10, :10], gappy[20:30, :10], gappy[40:, 50:] = 7, 3, 170
+    predictor = Predictor(cpu2d)
+    monkeypatch.setattr(predictor, "cluster", lambda raw, origin=None, return_seeds=False: gappy.copy())
+    summary = predict_files(predictor, [tmp_path / "in.tif"], tmp_path / "out")
+    out = tifffile.imread(tmp_path / "out" / "in.tif")
+    expected = np.select([gappy == 3, gappy == 7, gappy == 170], [1, 2, 3], 0)
+    np.testing.assert_array_equal(out, expected)
+    assert summary["objects"] == summary["files"][0]["objects"] == 3
 
 
 def test_predict_files_keeps_pixel_size_and_saves_seeds(cpu2d, tmp_path):
