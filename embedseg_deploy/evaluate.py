@@ -352,13 +352,17 @@ def write_json(report: EvaluationReport, path: str | os.PathLike) -> Path:
 
 
 _TITLES = {
-    "per_image_mean": "per-image mean (as EmbedSeg, Cellpose and Kaggle DSB report)",
+    "per_image_mean": "per-image mean of the rates (as EmbedSeg, Cellpose and Kaggle DSB report)",
     "pooled": "pooled over all objects (StarDist matching_dataset default)",
 }
 
 
 def format_table(report: EvaluationReport, aggregations: Sequence[str] = ("per_image_mean", "pooled")) -> str:
-    """Fixed-width text tables, one per aggregation: thresholds as rows; accuracy is AP_dsb."""
+    """Fixed-width text tables, one per aggregation: thresholds as rows; accuracy is AP_dsb.
+
+    TP/FP/FN are sums over the images under both aggregations (as in the CSV and JSON, and StarDist's
+    ``by_image``); each title says so, since only the rates are per-image means.
+    """
     n = len(report.images)
     ignore = "" if report.ignore_label is None else f", ignore_label {report.ignore_label}"
     lines = [f"{n} image(s), criterion {report.criterion}{ignore}"]
@@ -366,7 +370,7 @@ def format_table(report: EvaluationReport, aggregations: Sequence[str] = ("per_i
     header = f"{report.criterion:>6} " + " ".join(f"{c:>7}" for c in columns)
     for aggregation in aggregations:
         summary = report.summaries[aggregation]
-        lines += ["", f"{_TITLES[aggregation]}:", header]
+        lines += ["", f"{_TITLES[aggregation]}; TP/FP/FN summed over the {n} image(s):", header]
         for m in summary.matchings:
             lines.append(
                 f"{m.thresh:6.2f} {m.tp:7d} {m.fp:7d} {m.fn:7d} {m.precision:7.4f} {m.recall:7.4f} "

@@ -112,6 +112,25 @@ def test_format_table_rows_and_modes(folders):
     )
 
 
+def test_format_table_says_counts_are_sums_not_means(folders):
+    """Per-image mean at 0.5 shows TP 3 = 2 (a) + 1 (b): a sum, as in the CSV and JSON, so say so."""
+    report = evaluate_paths(*folders, thresholds=[0.5])
+    lines = format_table(report).splitlines()
+    titles = [line for line in lines if line.startswith(("per-image", "pooled"))]
+    assert titles == [
+        "per-image mean of the rates (as EmbedSeg, Cellpose and Kaggle DSB report); "
+        "TP/FP/FN summed over the 2 image(s):",
+        "pooled over all objects (StarDist matching_dataset default); TP/FP/FN summed over the 2 image(s):",
+    ]
+    row = lines[lines.index(titles[0]) + 2].split()
+    mean = report.per_image_mean.matchings[0]
+    assert (
+        [int(v) for v in row[1:4]]
+        == [mean.tp, mean.fp, mean.fn]
+        == [sum(getattr(r.matchings[0], k) for r in report.images) for k in ("tp", "fp", "fn")]
+    )
+
+
 def test_file_pairs_and_file_in_folder(folders, tmp_path):
     pred, gt = folders
     one = evaluate_paths(pred / "b.tif", gt / "b.tiff")
