@@ -6,11 +6,14 @@
 
 Every command fails with a one-line reason and exit status 1 on bad input; outputs are never overwritten
 without ``--force`` and are written through a temp file. Heavy imports (torch, onnx, tensorrt) happen
-inside the commands that need them.
+inside the commands that need them, so ``--help`` works on a runtime-only install, and a command whose
+extra is missing says which one to install (exit status 2).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 from pathlib import Path
 
@@ -19,36 +22,39 @@ import click
 from embedseg_deploy.contract import ContractError
 from embedseg_deploy.engine_cache import EngineError
 from embedseg_deploy.io import atomic_write_json
+from embedseg_training.extras import require
 
 from . import __version__
-from .fp16 import DEFAULT_KEEP, KEEP_CHOICES, Fp16Error
-from .info import ModelFileError, describe, expect_kind, format_info
-from .verify import VerificationError
+from .choices import DEFAULT_KEEP, KEEP_CHOICES
+from .info import ModelFileError, describe, detect_kind, expect_kind, format_info
+from .verify import TOLERANCES, VerificationError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ContractError,
     EngineError,
-    Fp16Error,
     ModelFileError,
     VerificationError,
 )
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """USER_ERRORS plus those of the modules that import here (they need torch or onnx)."""
     errors = USER_ERRORS
-    try:
-        from embedseg_training.checkpoint import CheckpointError
-
-        errors += (CheckpointError,)
-    except ImportError:
-        pass
-    try:
-        from .onnx_export import ExportError
-
-        errors += (ExportError,)
-    except ImportError:  # no torch: the onnx command reports it
-        pass
+    for module, name in (
+        ("embedseg_training.checkpoint", "CheckpointError"),
+        ("embedseg_exporters.onnx_export", "ExportError"),
+        ("embedseg_exporters.fp16", "Fp16Error"),
+    ):
+        with contextlib.suppress(ImportError):  # its extra is missing: the command that needs it says so
+            errors += (getattr(importlib.import_module(module), name),)
     return errors
+
+
+def _limits(precision: str) -> str:
+    """A precision's default verification limits as --tolerance takes them, and its label rule."""
+    t = TOLERANCES[precision]
+    labels = "identical" if t.min_label_ap is None else f"AP@0.5 >= {t.min_label_ap:g}"
+    return f"{precision} {t.offset_px:g},{t.sigma_rel:g},{t.seed_abs:g} (labels {labels})"
 
 
 def _keep(text: str) -> list[str]:
@@ -111,7 +117,8 @@ def _tolerance(text: str | None, precision: str):
 @click.option(
     "--tolerance",
     metavar="PX,REL,ABS",
-    help="Verification limits: offsets in pixels, sigma relative, seed absolute [fp32 1e-4,1e-4,1e-4].",
+    help="Verification limits: offsets in pixels, sigma relative, seed absolute "
+    f"[{_limits('fp32')}; {_limits('fp16')}].",
 )
 @click.option(
     "--report", type=click.Path(path_type=Path, dir_okay=False), help="Write the verification JSON."
@@ -139,6 +146,7 @@ def onnx_command(
         raise click.ClickException(f"{report}: folder {report.parent} does not exist")
     try:
         expect_kind(checkpoint, "checkpoint", "embedseg-export onnx")
+        require("embedseg-export onnx", "export", "torch", "onnx")
         import torch
 
         from .onnx_export import export_checkpoint
@@ -159,6 +167,8 @@ def onnx_command(
         )
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None
+    for note in exported.contract.provenance.get("notes", []):
+        click.echo(f"note: {note}")
     if exported.report is not None:
         click.echo("\n".join(exported.report.lines()))
         _save_report(report, exported.report.to_dict())
@@ -216,6 +226,7 @@ def trt_command(
     """Build a TensorRT engine (+ OUTPUT.json sidecar) from an ONNX MODEL made by `embedseg-export onnx`."""
     try:
         expect_kind(model, "onnx", "embedseg-export trt")
+        require("embedseg-export trt", "export", "onnx")
         from .tensorrt_build import build_trt
 
         path, sidecar = build_trt(
@@ -253,6 +264,8 @@ def trt_command(
 def info_command(model, upstream_json, as_json):
     """Print the contract of a checkpoint, ONNX model or engine; check an engine against this machine."""
     try:
+        if detect_kind(model) == "checkpoint":
+            require("embedseg-export info CHECKPOINT", "export", "torch")
         info = describe(model, upstream_json)
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None

@@ -27,13 +27,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .choices import DEFAULT_KEEP, KEEP_CHOICES
+
 # Ops that compute in whatever float type their inputs have and carry no type in their attributes.
 FP16_SAFE_OPS = frozenset(
     {"Conv", "ConvTranspose", "BatchNormalization", "MaxPool", "AveragePool", "Concat", "Add", "Sub", "Mul",
      "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Identity"}
 )  # fmt: skip
-KEEP_CHOICES = ("heads", "bn", "first")
-DEFAULT_KEEP = ("heads", "bn")
 FP16_MAX = float(np.finfo(np.float16).max)
 
 

@@ -90,6 +90,7 @@ def describe(path: str | os.PathLike, upstream_json_dir: str | os.PathLike | Non
             "epoch": ckpt.get("epoch"),
             "best_iou": ckpt.get("best_iou"),
         }
+        info["notes"] += list(contract.provenance.get("notes", []))  # defaults an upstream import took
     elif kind == "onnx":
         header = read_onnx_header(path)
         contract = onnx_contract(path, header)

@@ -124,11 +124,12 @@ def test_upstream_without_json_files_is_a_clear_error(tmp_path):
 
 def test_upstream_options_and_normalizations():
     case = upstream_case(3)
-    _, c = import_upstream(case / "checkpoint.pth", case / "data_properties.json", anisotropy=4.0,
-                           min_object_size=7, seed_thresh=0.8)  # fmt: skip
+    options = {"min_object_size": 7, "seed_thresh": 0.8, "norm": "absolute", "data_type": "8-bit"}
+    _, c = import_upstream(case / "checkpoint.pth", case / "data_properties.json", anisotropy=4.0, **options)
     assert c.spacing[0] == pytest.approx(4.0 / 95) and c.anisotropy == 4.0
     assert c.thresholds.min_object_size == 7 and c.thresholds.seed_thresh == 0.8
-    assert "normalization.json not given" in " ".join(c.provenance["notes"])
+    assert c.normalization == Normalization("absolute", divisor=255.0)
+    assert "fg_thresh 0.5: upstream's defaults taken" in " ".join(c.provenance["notes"])
     assert upstream_normalization("absolute", "8-bit").divisor == 255
     assert upstream_normalization("absolute", "16-bit").divisor == 65535
     assert upstream_normalization("mean-std", None).kind == "mean-std"
@@ -136,6 +137,73 @@ def test_upstream_options_and_normalizations():
         upstream_normalization("absolute", "32-bit")
     with pytest.raises(CheckpointError, match="unknown upstream normalisation"):
         upstream_normalization("zscore", None)
+
+
+def _lone_upstream(tmp_path, ndim, props=None, norm=None):
+    """An upstream checkpoint copied alone into tmp_path, with the given JSON files beside it."""
+    shutil.copy(upstream_case(ndim) / "checkpoint.pth", tmp_path / "best_iou_model.pth")
+    for name, doc in (("data_properties.json", props), ("normalization.json", norm)):
+        if doc is not None:
+            (tmp_path / name).write_text(json.dumps(doc))
+    return tmp_path / "best_iou_model.pth"
+
+
+NORM = {"data_type": "16-bit", "norm": "min-max-percentile"}
+
+
+def test_incomplete_upstream_json_is_an_error_naming_key_file_and_option(tmp_path):
+    """No silent defaults for what changes the model's meaning: grid, anisotropy, normalisation."""
+    ckpt = _lone_upstream(tmp_path, 2, {"foo": 1}, NORM)
+    with pytest.raises(CheckpointError, match=r"data_properties\.json: no n_y, n_x: .*--grid N_Y,N_X"):
+        load_model(ckpt)  # was: exported with upstream's 1024 grid, 4x off the fixture's 256
+    _, contract = load_model(ckpt, grid=[256, 256])
+    assert contract.spacing == pytest.approx([1 / 255, 1 / 255])
+    notes = " ".join(contract.provenance["notes"])
+    assert "min_object_size not in" in notes and "seed_thresh 0.9, fg_thresh 0.5" in notes
+
+    props = json.loads((upstream_case(2) / "data_properties.json").read_text())
+    (tmp_path / "normalization.json").unlink()
+    with pytest.raises(CheckpointError, match=r"no normalization\.json .*--normalization FILE or --norm"):
+        load_model(ckpt, grid=[256, 256])
+    (tmp_path / "normalization.json").write_text(json.dumps({"foo": 1}))
+    with pytest.raises(CheckpointError, match=r"normalization\.json: no 'norm' key.*--norm"):
+        import_upstream(ckpt, props, tmp_path / "normalization.json")
+    _, contract = import_upstream(ckpt, props, tmp_path / "normalization.json", norm="mean-std")
+    assert contract.normalization.kind == "mean-std"
+    with pytest.raises(CheckpointError, match=r"data_type '8-bit' or '16-bit'.*--data-type"):
+        import_upstream(ckpt, {**props, "data_type": None}, {"norm": "absolute"})
+
+    props3 = json.loads((upstream_case(3) / "data_properties.json").read_text())
+    del props3["pixel_size_z_microns"]
+    (tmp_path / "3d").mkdir()
+    ckpt3 = _lone_upstream(tmp_path / "3d", 3, props3, NORM)
+    with pytest.raises(CheckpointError, match=r"no pixel_size_z_microns .*anisotropy.*--anisotropy Z_OVER_X"):
+        load_model(ckpt3)  # was: anisotropy 1 assumed, halving the z spacing of the fixture
+    _, contract = load_model(ckpt3, anisotropy=2.0)
+    assert contract.spacing[0] == pytest.approx(2.0 / 95)
+    del props3["n_z"]
+    with pytest.raises(CheckpointError, match=r"no n_z: .*--grid N_Z,N_Y,N_X"):
+        import_upstream(ckpt3, props3, NORM, anisotropy=2.0)
+
+
+def test_refusal_of_pickled_objects_never_suggests_weights_only_false(tmp_path):
+    import argparse
+
+    path = tmp_path / "trainer_state.pth"
+    torch.save({"model_state_dict": BranchedERFNet(2).state_dict(), "args": argparse.Namespace(lr=1)}, path)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: holds more than weights (a pickled argparse.Namespace object)")
+    assert "not a plain checkpoint" in message and "weights_only" not in message and "trust" not in message
+    junk = tmp_path / "junk.pth"
+    junk.write_text("nope")  # 'n' is a pickle opcode torch's weights-only unpickler refuses
+    with pytest.raises(CheckpointError, match=r"junk\.pth: not a torch checkpoint") as caught:
+        load_checkpoint(junk)
+    assert "weights_only" not in str(caught.value) and "Unsupported operand 110)" in str(caught.value)
+    torch.save(BranchedERFNet(2), tmp_path / "whole.pth")  # a whole pickled model
+    with pytest.raises(CheckpointError, match=r"whole\.pth: holds more than weights .*BranchedERFNet"):
+        load_checkpoint(tmp_path / "whole.pth")
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
@@ -197,3 +265,41 @@ def test_cli_import_upstream(tmp_path):
                                     "--data-properties", str(case / "data_properties.json")])  # fmt: skip
     assert res.exit_code != 0 and "not a torch checkpoint" in res.output
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_cli_import_upstream_names_its_options_and_refuses_to_overwrite(tmp_path):
+    case = upstream_case(3)
+    out = tmp_path / "model.pth"
+    args = ["import-upstream", str(case / "checkpoint.pth"), "--out", str(out)]
+    res = CliRunner().invoke(main, [*args, "--grid", "96,96"])
+    assert res.exit_code == 1 and "--grid gives 2 size(s), but this 3D model needs 3" in res.output
+    assert "grid=" not in res.output and not out.exists()
+    assert CliRunner().invoke(main, args).exit_code == 0
+    stamp = out.stat().st_mtime_ns
+    res = CliRunner().invoke(main, [*args, "--seed-thresh", "0.7"])
+    assert res.exit_code == 1 and f"{out} exists; pass --force" in res.output
+    assert out.stat().st_mtime_ns == stamp
+    res = CliRunner().invoke(main, [*args, "--seed-thresh", "0.7", "--force"])
+    assert res.exit_code == 0, res.output
+    _, contract = load_model(out)
+    assert contract.thresholds.seed_thresh == 0.7
+
+
+def test_cli_import_upstream_prints_the_defaults_it_takes(tmp_path):
+    ckpt = _lone_upstream(tmp_path, 2, {"n_y": 256.0, "n_x": 256.0})
+    out = tmp_path / "model.pth"
+    res = CliRunner().invoke(main, ["import-upstream", str(ckpt), "--out", str(out)])
+    assert res.exit_code == 1 and "--norm min-max-percentile|mean-std|absolute" in res.output
+    res = CliRunner().invoke(main, ["import-upstream", str(ckpt), "--out", str(out), "--norm", "mean-std"])
+    assert res.exit_code == 0, res.output
+    assert (
+        "note: min_object_size not in" in res.output and "note: seed_thresh 0.9, fg_thresh 0.5" in res.output
+    )
+    assert load_model(out)[1].normalization.kind == "mean-std"
+
+
+def test_cli_norm_choices_match_the_importer():
+    from embedseg_training import cli
+    from embedseg_training.checkpoint import UPSTREAM_NORMS
+
+    assert cli.UPSTREAM_NORMS == UPSTREAM_NORMS

@@ -93,8 +93,30 @@ def test_unknown_checkpoint_layout_and_missing_upstream_json(tmp_path):
     upstream = UPSTREAM / "2d" / "checkpoint.pth"
     if upstream.exists():
         os.symlink(upstream, tmp_path / "best_iou_model.pth")
-        fails(run("onnx", tmp_path / "best_iou_model.pth", "-o", tmp_path / "u.onnx"), "data_properties.json")
+        result = run("onnx", tmp_path / "best_iou_model.pth", "-o", tmp_path / "u.onnx")
+        fails(result, "data_properties.json", "--upstream-json DIR", "embedseg-train import-upstream")
+        assert "upstream_json_dir" not in result.output  # the option, not the Python argument
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_upstream_export_prints_the_defaults_it_takes(tmp_path):
+    case = UPSTREAM / "2d"
+    if not (case / "checkpoint.pth").exists():
+        pytest.skip("upstream fixtures absent")
+    for name in ("checkpoint.pth", "data_properties.json", "normalization.json"):  # no test_config.json
+        os.symlink(case / name, tmp_path / name)
+    out = tmp_path / "u.onnx"
+    result = run("onnx", tmp_path / "checkpoint.pth", "-o", out, "--no-verify", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "note: seed_thresh 0.9, fg_thresh 0.5: upstream's defaults taken" in result.output
+    shown = run("info", tmp_path / "checkpoint.pth")
+    assert shown.exit_code == 0 and "note: seed_thresh 0.9" in shown.output
+
+
+def test_onnx_help_shows_the_fp32_and_fp16_verification_limits():
+    text = " ".join(run("onnx", "--help").output.split())
+    assert "fp32 0.0001,0.0001,0.0001 (labels identical)" in text
+    assert "fp16 0.1,0.1,0.02 (labels AP@0.5 >= 0.9)" in text
 
 
 def test_corrupted_onnx(tmp_path):

@@ -15,8 +15,10 @@ from upstream's JSON files (``data_properties.json``, ``normalization.json``, op
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,9 @@ from . import __version__
 from .model import BranchedERFNet, build_model
 
 CHECKPOINT_FORMAT = 1
-UPSTREAM_DEFAULT_GRID = 1024  # upstream's create_configs default n_y = n_x when data_properties has none
+UPSTREAM_NORMS = ("min-max-percentile", "mean-std", "absolute")  # upstream normalization.json "norm"
+UPSTREAM_DATA_TYPES = ("8-bit", "16-bit")
+CONVERT = "`embedseg-train import-upstream CHECKPOINT`"  # where the options of the hints below live
 PathLike = str | os.PathLike
 
 
@@ -116,11 +120,26 @@ def _strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return dict(state)
 
 
-def _load_error_detail(exc: Exception) -> str:
-    """The informative line of a torch.load error (torch wraps unpickler errors in a long preamble)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    picked = next((ln for ln in lines if ln.startswith("WeightsUnpickler error")), lines[0] if lines else "")
-    return picked[:300] or type(exc).__name__
+def _load_refusal(path: Path, exc: Exception) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in our words.
+
+    torch's own message advises loading with ``weights_only=False``, which runs whatever code the file
+    holds; that advice is never repeated. A file that pickles Python objects (a whole model, an argparse
+    Namespace, ...) holds more than weights; anything else is not a torch checkpoint, or a damaged one.
+    """
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (
+            f"{path}: holds more than weights (a pickled {found.group(1)} object), so it is not a plain "
+            "checkpoint and is not loaded (unpickling objects can run code). Save the weights alone, e.g. "
+            "torch.save({'model_state_dict': model.state_dict()}, path)"
+        )
+    detail = text.split("WeightsUnpickler error:", 1)[-1]  # drop torch's preamble and its advice
+    lines = [ln.strip() for ln in detail.splitlines() if ln.strip() and "weights_only" not in ln]
+    first = lines[0].split(". ")[0].rstrip(".")[:160] if lines else ""  # one whole sentence, no cut
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return f"{path}: not a torch checkpoint, or a damaged one (reading it fails with {detail})"
 
 
 def checkpoint_layout(ckpt: Mapping[str, Any]) -> str:
@@ -139,9 +158,7 @@ def load_checkpoint(path: PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # foreign bytes raise many types (IndexError, UnpicklingError, ...)
-        raise CheckpointError(
-            f"{path}: not a torch checkpoint readable with weights_only=True ({_load_error_detail(exc)})"
-        ) from None
+        raise CheckpointError(_load_refusal(path, exc)) from None
     if _is_state_dict(obj) and any(k.split(".", 1)[0] in ("encoder", "module") for k in obj):
         obj = {"model_state_dict": obj}
     if not isinstance(obj, dict):
@@ -208,7 +225,8 @@ def load_model(
         if files["data_properties_json"] is None:
             raise CheckpointError(
                 f"{path}: an upstream EmbedSeg checkpoint needs its data_properties.json; none in {folder} "
-                "(pass upstream_json_dir, or convert it once with `embedseg-train import-upstream`)"
+                "(give the folder that holds it with --upstream-json DIR, or convert the checkpoint once "
+                f"with {CONVERT} --data-properties FILE -o model.pth)"
             )
         state, contract = import_upstream(ckpt, **files, **upstream_options, _source=Path(path))
     model = model_from_state_dict(state, contract, path)
@@ -254,6 +272,18 @@ def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 
 
+def _json_name(given: PathLike | Mapping[str, Any] | None, name: str) -> str:
+    """The file to name in a message: the path, or what the values stand for when given as a dict."""
+    return f"{name} (given as values)" if isinstance(given, Mapping) else str(given or name)
+
+
+def _positive(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number > 0, else None (strings, bools, NaN ...)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) and value > 0 else None
+
+
 def upstream_normalization(norm: str | None, data_type: str | None) -> Normalization:
     """Our Normalization for upstream's ``norm`` and ``data_type`` (normalization.json)."""
     if norm in (None, "min-max-percentile"):
@@ -264,10 +294,11 @@ def upstream_normalization(norm: str | None, data_type: str | None) -> Normaliza
         divisor = {"8-bit": 255.0, "16-bit": 65535.0}.get(str(data_type))
         if divisor is None:
             raise CheckpointError(
-                f"upstream 'absolute' normalisation needs data_type '8-bit' or '16-bit', got {data_type!r}"
+                f"upstream 'absolute' normalisation needs data_type '8-bit' or '16-bit', got {data_type!r} "
+                f"(give --data-type to {CONVERT})"
             )
         return Normalization(kind="absolute", divisor=divisor)
-    raise CheckpointError(f"unknown upstream normalisation {norm!r} (min-max-percentile, mean-std, absolute)")
+    raise CheckpointError(f"unknown upstream normalisation {norm!r} ({', '.join(UPSTREAM_NORMS)})")
 
 
 def upstream_architecture(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -301,6 +332,8 @@ def import_upstream(
     grid: Sequence[float] | None = None,
     pixel: Sequence[float] | None = None,
     anisotropy: float | None = None,
+    norm: str | None = None,
+    data_type: str | None = None,
     seed_thresh: float | None = None,
     fg_thresh: float | None = None,
     min_object_size: int | None = None,
@@ -312,6 +345,13 @@ def import_upstream(
     > data_properties / normalization.json > upstream defaults. ``grid`` and ``pixel`` are upstream's
     ``(n_z,) n_y, n_x`` and ``(l_z,) l_y, l_x`` in array order; by default ``l_y = l_x = 1`` and
     ``l_z = (n_z - 1)/(n_x - 1) * anisotropy``, so the z spacing is ``anisotropy / (n_x - 1)``.
+    ``norm`` and ``data_type`` stand for normalization.json's keys.
+
+    What changes the meaning of the network's output has no silent default: a missing grid (``n_y, n_x``,
+    in 3D ``n_z``; the grid sets the pixel spacing sigma was learned in, and upstream's fallback of 1024
+    is 4x off for a 256 grid), 3D anisotropy, or normalisation is a CheckpointError that names the key,
+    the file and the ``embedseg-train import-upstream`` option giving it. Defaults that are taken
+    (thresholds, min_object_size) are listed in ``provenance["notes"]``.
     """
     source = _source
     if isinstance(checkpoint, Mapping):
@@ -336,48 +376,77 @@ def import_upstream(
     cfg = _read_json(test_config, "test config")
     notes: list[str] = []
 
-    # anisotropy (z / x voxel size)
+    props_name = _json_name(data_properties_json, "data_properties.json")
+
+    # upstream coordinate grid: (n_z,) n_y, n_x
+    keys = ["n_z", "n_y", "n_x"][3 - ndim :]
+    example = ",".join(["32", "256", "256"][3 - ndim :])
+    if grid is None:
+        grid = [_first(cfg.get(k), props.get(k)) for k in keys]
+        missing = [k for k, g in zip(keys, grid, strict=True) if g is None]
+        if missing:
+            raise CheckpointError(
+                f"{props_name}: no {', '.join(missing)}: upstream's coordinate grid, which sets the pixel "
+                f"spacing this {ndim}D model learned in; add {'it' if len(missing) == 1 else 'them'} "
+                f"there, or give --grid {','.join(keys).upper()} (e.g. --grid {example}) to {CONVERT}"
+            )
+    elif len(grid) != ndim:
+        raise CheckpointError(
+            f"{where}--grid gives {len(grid)} size(s), but this {ndim}D model needs {ndim}: "
+            f"{','.join(keys)} in array order, e.g. --grid {example}"
+        )
+    sizes = [_positive(g) for g in grid]
+    if any(g is None or g < 2 for g in sizes):
+        raise CheckpointError(
+            f"{where}upstream grid {','.join(keys)} = {list(grid)}: each size must be a number >= 2 "
+            f"(from {props_name} or --grid)"
+        )
+    grid = sizes
+    l_keys = ["l_z", "l_y", "l_x"][3 - ndim :]
+    if pixel is not None and len(pixel) != ndim:
+        raise CheckpointError(
+            f"{where}--pixel gives {len(pixel)} value(s), but this {ndim}D model needs {ndim}: "
+            f"{','.join(l_keys)} in array order"
+        )
+    pixel = list(pixel) if pixel is not None else [cfg.get(k) for k in l_keys]
+
+    # anisotropy (z / x voxel size): sets the z spacing, l_z = (n_z - 1) / (n_x - 1) * anisotropy
     aniso = 1.0
     pixel_size = None
     if ndim == 3:
-        psz = [props.get(f"pixel_size_{a}_microns") for a in "zyx"]
-        if all(isinstance(v, int | float) and v > 0 for v in psz):
-            pixel_size = [float(v) for v in psz]
+        psz = [_positive(props.get(f"pixel_size_{a}_microns")) for a in "zyx"]
+        pixel_size = psz if all(psz) else None
         from_props = pixel_size[0] / pixel_size[2] if pixel_size else None
-        aniso = _first(anisotropy, cfg.get("anisotropy_factor"), from_props)
-        if aniso is None:
-            aniso = 1.0
-            notes.append("anisotropy not given: assumed 1.0")
-        aniso = float(aniso)
-
-    # upstream coordinate grid -> spacing
-    keys = ["n_z", "n_y", "n_x"][3 - ndim :]
-    if grid is None:
-        grid = [_first(cfg.get(k), props.get(k)) for k in keys]
-        if ndim == 2 and grid == [None, None]:
-            grid = [UPSTREAM_DEFAULT_GRID] * 2
-            notes.append(
-                f"grid size not in data_properties: upstream default {UPSTREAM_DEFAULT_GRID} assumed"
+        from_l_z = pixel[0] * (grid[2] - 1.0) / (grid[0] - 1.0) if _positive(pixel[0]) else None
+        aniso = _first(anisotropy, cfg.get("anisotropy_factor"), from_props, from_l_z)
+        if _positive(aniso) is None:
+            found = "" if aniso is None else f" (got {aniso!r})"
+            raise CheckpointError(
+                f"{props_name}: no pixel_size_z_microns and pixel_size_x_microns{found}: the z/x "
+                f"anisotropy, which sets this 3D model's z spacing; add them there, or give "
+                f"--anisotropy Z_OVER_X to {CONVERT}"
             )
-    if len(grid) != ndim or any(g is None or float(g) < 2 for g in grid):
-        raise CheckpointError(f"{where}upstream grid {keys} = {list(grid)} is incomplete; pass grid=...")
-    grid = [float(g) for g in grid]
-    if pixel is None:
-        l_keys = ["l_z", "l_y", "l_x"][3 - ndim :]
-        pixel = [cfg.get(k) for k in l_keys]
-        if pixel[-1] is None:
-            pixel[-1] = 1.0
-        if pixel[-2] is None:
-            pixel[-2] = 1.0
-        if ndim == 3 and pixel[0] is None:
+        aniso = float(aniso)
+        if pixel[0] is None:
             pixel[0] = (grid[0] - 1.0) / (grid[2] - 1.0) * aniso
-    pixel = [float(p) for p in pixel]
+    pixel = [1.0 if p is None else float(p) for p in pixel]  # upstream's l_y = l_x = 1
     spacing = spacing_from_upstream_grid(ndim, grid, pixel)
 
-    norm_kind = _first(norm_json.get("norm"), cfg.get("norm"))
-    data_type = _first(norm_json.get("data_type"), cfg.get("data_type"), props.get("data_type"))
+    # normalisation (normalization.json: norm, data_type)
+    norm_kind = _first(norm, cfg.get("norm"), norm_json.get("norm"))
     if norm_kind is None:
-        notes.append("normalization.json not given: upstream default min-max-percentile (1, 99.8) assumed")
+        what = "upstream's norm, how images were normalised in training"
+        choices = "|".join(UPSTREAM_NORMS)
+        if normalization_json is None:
+            raise CheckpointError(
+                f"{where}no normalization.json given or found beside the checkpoint ({what}); give "
+                f"--normalization FILE or --norm {choices} to {CONVERT}"
+            )
+        raise CheckpointError(
+            f"{_json_name(normalization_json, 'normalization.json')}: no 'norm' key ({what}); add it "
+            f"there, or give --norm {choices} to {CONVERT}"
+        )
+    data_type = _first(data_type, cfg.get("data_type"), norm_json.get("data_type"), props.get("data_type"))
     try:
         normalization = upstream_normalization(norm_kind, data_type)
     except CheckpointError as exc:
@@ -386,10 +455,18 @@ def import_upstream(
     mos = _first(min_object_size, cfg.get("min_object_size"), props.get("min_object_size"))
     if mos is None:
         mos = Thresholds().min_object_size
-        notes.append(f"min_object_size not given: {mos} assumed")
+        notes.append(f"min_object_size not in {props_name}: {mos} taken")
+    seed = _first(seed_thresh, cfg.get("seed_thresh"))
+    fg = _first(fg_thresh, cfg.get("fg_thresh"))
+    if seed is None or fg is None:
+        seed, fg = _first(seed, 0.9), _first(fg, 0.5)
+        notes.append(
+            f"seed_thresh {seed}, fg_thresh {fg}: upstream's defaults taken (no test config gives them; "
+            "embedseg-run --seed-thresh/--fg-thresh change them at run time)"
+        )
     thresholds = Thresholds(
-        seed_thresh=float(_first(seed_thresh, cfg.get("seed_thresh"), 0.9)),
-        fg_thresh=float(_first(fg_thresh, cfg.get("fg_thresh"), 0.5)),
+        seed_thresh=float(seed),
+        fg_thresh=float(fg),
         min_object_size=int(mos),
         min_mask_sum=int(cfg.get("min_mask_sum", 0)),
         min_unclustered_sum=int(cfg.get("min_unclustered_sum", 0)),
@@ -444,15 +521,22 @@ def convert_upstream(
     data_properties_json: PathLike | None = None,
     normalization_json: PathLike | None = None,
     test_config: PathLike | None = None,
+    *,
+    force: bool = False,
     **options: Any,
 ) -> Contract:
     """Convert an upstream checkpoint (+ its JSON files, by default from its folder) into our checkpoint
-    file ``out``; the weights are checked against the network before anything is written."""
-    checkpoint = Path(checkpoint)
+    file ``out``; the weights are checked against the network before anything is written, and an
+    existing ``out`` is only replaced with ``force`` (as ``embedseg-export`` does)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} exists; pass --force to overwrite it")
     found = upstream_json_files(checkpoint.parent)
     data_properties_json = data_properties_json or found["data_properties_json"]
     if data_properties_json is None:
-        raise CheckpointError(f"{checkpoint}: no data_properties.json given or found beside it")
+        raise CheckpointError(
+            f"{checkpoint}: no data_properties.json given or found beside it (give --data-properties FILE)"
+        )
     normalization_json = normalization_json or found["normalization_json"]
     test_config = test_config or found["test_config"]
     ckpt = load_checkpoint(checkpoint)

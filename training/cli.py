@@ -1,4 +1,8 @@
-"""``embedseg-train``: training and checkpoint tools (needs torch)."""
+"""``embedseg-train``: training and checkpoint tools.
+
+The commands need torch (the ``train`` extra); it is imported inside them, so ``--help`` and ``--version``
+work on a runtime-only install, and a command there stops with one line naming the extra (exit 2).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,31 @@ import click
 from embedseg_deploy.contract import ContractError
 from embedseg_deploy.io import InputError
 
-from .checkpoint import CheckpointError, convert_upstream
+from . import __version__
+from .extras import require
 
-ERRORS = (CheckpointError, ContractError, InputError)
+UPSTREAM_NORMS = ("min-max-percentile", "mean-std", "absolute")  # as in checkpoint.py, which needs torch
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    """The user errors that become one-line messages (torch is installed when this is called)."""
+    from .checkpoint import CheckpointError
+    from .train import TrainError
+
+    return (CheckpointError, ContractError, InputError, TrainError)
 
 
 class _TrainByDefault(click.Group):
     """``embedseg-train DATA_DIR --out RUN`` means ``embedseg-train train DATA_DIR --out RUN``."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["train", *args]
         return super().parse_args(ctx, args)
 
 
-@click.group(cls=_TrainByDefault)
+@click.group(cls=_TrainByDefault, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="embedseg-train")
 def main() -> None:
     """Train EmbedSeg models and convert upstream EmbedSeg checkpoints.
 
@@ -31,15 +45,15 @@ def main() -> None:
     """
 
 
-def _floats(text: str | None, n: int | None = None) -> list[float] | None:
+def _floats(text: str | None, option: str | None = None) -> list[float] | None:
     if text is None:
         return None
     try:
         values = [float(v) for v in text.replace(",", " ").split()]
     except ValueError:
-        raise click.BadParameter(f"expected numbers separated by commas, got {text!r}") from None
-    if n is not None and len(values) != n:
-        raise click.BadParameter(f"expected {n} numbers, got {len(values)}")
+        raise click.BadParameter(
+            f"expected numbers separated by commas, got {text!r}", param_hint=option
+        ) from None
     return values
 
 
@@ -60,7 +74,15 @@ def _floats(text: str | None, n: int | None = None) -> list[float] | None:
 @click.option(
     "--normalization",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Upstream normalization.json (default: beside the checkpoint; else min-max-percentile).",
+    help="Upstream normalization.json (default: beside the checkpoint).",
+)
+@click.option(
+    "--norm",
+    type=click.Choice(UPSTREAM_NORMS),
+    help="Upstream's normalisation, when no normalization.json says it (overrides one that does).",
+)
+@click.option(
+    "--data-type", type=click.Choice(["8-bit", "16-bit"]), help="For --norm absolute (x/255 or x/65535)."
 )
 @click.option(
     "--test-config",
@@ -73,9 +95,13 @@ def _floats(text: str | None, n: int | None = None) -> list[float] | None:
 @click.option("--seed-thresh", type=float)
 @click.option("--fg-thresh", type=float)
 @click.option("--min-object-size", type=int)
+@click.option("--force", is_flag=True, help="Overwrite an existing --out file.")
 def import_upstream_cmd(checkpoint, out, data_properties, normalization, test_config, grid, pixel, anisotropy,
-                        seed_thresh, fg_thresh, min_object_size) -> None:  # fmt: skip
+                        norm, data_type, seed_thresh, fg_thresh, min_object_size, force) -> None:  # fmt: skip
     """Convert an upstream EmbedSeg CHECKPOINT (best_iou_model.pth) into a self-describing checkpoint."""
+    require("embedseg-train import-upstream", "train", "torch")
+    from .checkpoint import convert_upstream
+
     try:
         contract = convert_upstream(
             checkpoint,
@@ -83,27 +109,32 @@ def import_upstream_cmd(checkpoint, out, data_properties, normalization, test_co
             data_properties,
             normalization,
             test_config,
-            grid=_floats(grid),
-            pixel=_floats(pixel),
+            force=force,
+            grid=_floats(grid, option="--grid"),
+            pixel=_floats(pixel, option="--pixel"),
             anisotropy=anisotropy,
+            norm=norm,
+            data_type=data_type,
             seed_thresh=seed_thresh,
             fg_thresh=fg_thresh,
             min_object_size=min_object_size,
         )
-    except ERRORS as exc:
+    except _errors() as exc:
         raise click.ClickException(str(exc)) from None
+    for note in contract.provenance.get("notes", []):
+        click.echo(f"note: {note}")
     click.echo(
         f"wrote {out}: {contract.ndim}D, {contract.in_channels} channel(s), spacing {contract.spacing}, "
         f"normalization {contract.normalization.kind}, min_object_size {contract.thresholds.min_object_size}"
     )
 
 
-def _ints(text: str | None) -> list[int] | None:
-    values = _floats(text)
+def _ints(text: str | None, option: str | None = None) -> list[int] | None:
+    values = _floats(text, option)
     if values is None:
         return None
     if any(v != int(v) for v in values):
-        raise click.BadParameter(f"expected whole numbers, got {text!r}")
+        raise click.BadParameter(f"expected whole numbers, got {text!r}", param_hint=option)
     return [int(v) for v in values]
 
 
@@ -158,6 +189,7 @@ def _ints(text: str | None) -> list[int] | None:
 def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pmax, divisor, resume, quiet,
               **options) -> None:  # fmt: skip
     """Train a BranchedERFNet on DATA_DIR/{train,val}/{images,masks}/*.tif."""
+    require("embedseg-train train", "train", "torch")
     from .train import TrainConfig, TrainError, train
 
     try:
@@ -170,9 +202,9 @@ def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pma
     if out is not None:
         settings["out"] = str(out)
     if crop_size is not None:
-        settings["crop_size"] = _ints(crop_size)
+        settings["crop_size"] = _ints(crop_size, "--crop-size")
     if pixel_size is not None:
-        settings["pixel_size"] = _floats(pixel_size)
+        settings["pixel_size"] = _floats(pixel_size, "--pixel-size")
     norm_options = {"kind": norm, "pmin": pmin, "pmax": pmax, "divisor": divisor}
     if any(v is not None for v in norm_options.values()):
         settings["normalization"] = {
@@ -183,7 +215,7 @@ def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pma
         raise click.UsageError("give DATA_DIR and --out RUN_DIR (or a --config that has them)")
     try:
         result = train(TrainConfig.from_dict(settings), progress=not quiet, resume=resume)
-    except (*ERRORS, TrainError) as exc:
+    except _errors() as exc:
         raise click.ClickException(str(exc)) from None
     best = f"{result.best_checkpoint} (epoch {result.best_epoch}, val IoU {result.best_iou:.4f})"
     click.echo(f"done: {result.epochs_done} epoch(s) logged in {result.run_dir}; best {best}")
