@@ -502,3 +502,51 @@ def test_no_warnings_on_clean_data(data2d):
         samples = load_split(data2d, "train") + load_split(data2d, "val")
         CropDataset(samples, compute_properties(samples).crop_size)
         assert tifffile.imread(samples[0].image_path).shape == samples[0].shape
+
+
+def test_rgb_or_channel_masks_are_reported_as_a_problem_of_the_mask(tmp_path):
+    labels = _blobs((16, 20), [((1, 5), (1, 5)), ((8, 12), (8, 14))])
+    _pair(tmp_path, "train", "a", _img(labels), None)
+    rgb = np.stack([labels * 80, labels * 40, labels * 20], axis=-1).astype(np.uint8)  # a coloured rendering
+    (tmp_path / "train" / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "train" / "masks" / "a.tif", rgb, photometric="rgb")
+    for ndim in (None, 2):
+        with pytest.raises(
+            InputError, match=r"masks/a\.tif: mask has a colour/channel axis \(axes 'YXS'"
+        ) as e:
+            load_split(tmp_path, "train", ndim=ndim)
+        assert "images/a.tif" not in str(e.value) and "instance id" in str(e.value)
+    tifffile.imwrite(
+        tmp_path / "train" / "masks" / "a.tif",
+        np.stack([labels, labels]),
+        imagej=True,
+        metadata={"axes": "CYX"},
+    )
+    with pytest.raises(InputError, match=r"masks/a\.tif: mask has a colour/channel axis \(axes 'CYX'"):
+        load_split(tmp_path, "train")
+
+
+def test_a_three_slice_stack_written_as_planar_rgb_is_3d_with_ndim_3(tmp_path):
+    labels = _blobs((3, 16, 20), [((0, 2), (1, 5), (1, 5))])
+    _pair(tmp_path, "train", "a", _img(labels), None)
+    (tmp_path / "train" / "masks").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # tifffile: (3, y, x) taken as planar RGB
+        tifffile.imwrite(tmp_path / "train" / "masks" / "a.tif", labels)
+    with pytest.raises(InputError, match=r"masks/a\.tif: .*3D mask of 3 slices: give --ndim 3"):
+        load_split(tmp_path, "train")
+    (s,) = load_split(tmp_path, "train", ndim=3)
+    assert s.mask.shape == (3, 16, 20) and s.n_objects == 1
+
+
+def test_binary_semantic_masks_warn_naming_the_file(tmp_path):
+    instances = _blobs((24, 24), [((1, 5), (1, 5)), ((8, 12), (8, 14)), ((16, 20), (2, 6))])
+    _pair(tmp_path, "train", "a", _img(instances), np.where(instances > 0, 255, 0).astype(np.uint8))
+    with pytest.warns(UserWarning, match=r"masks/a\.tif: one id \(255\) covers all 3 separate objects") as w:
+        (s,) = load_split(tmp_path, "train")
+    assert "instance labels" in str(w[0].message) and s.n_objects == 1
+    _pair(tmp_path, "train", "a", _img(instances), instances)  # the same objects as instances: silent
+    _pair(tmp_path, "train", "b", _img(instances), _blobs((24, 24), [((1, 9), (1, 9))]))  # one object
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [s.n_objects for s in load_split(tmp_path, "train")] == [3, 1]

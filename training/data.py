@@ -139,10 +139,11 @@ def load_split(
     for name, image_path, mask_path in discover_split(root, split, require_masks):
         mask = None
         if mask_path is not None:
-            raw_mask = read_tiff(mask_path, max_bytes=max_bytes).data
+            mask_tif = read_tiff(mask_path, max_bytes=max_bytes)
+            _refuse_channel_axis(mask_tif.data, mask_tif.axes, mask_path, ndim)
             if ndim is None:
-                ndim = raw_mask.ndim
-            mask = _validate_mask(raw_mask, mask_path, ndim, bg_id, fill_holes)
+                ndim = mask_tif.data.ndim
+            mask = _validate_mask(mask_tif.data, mask_path, ndim, bg_id, fill_holes)
         tif = read_tiff(image_path, max_bytes=max_bytes)
         if ndim is None:
             ndim = _guess_ndim(tif.data, tif.axes, image_path)
@@ -174,6 +175,42 @@ def _guess_ndim(data: np.ndarray, axes: str | None, path: Path) -> int:
     )
 
 
+def _refuse_channel_axis(data: np.ndarray, axes: str | None, path: Path, ndim: int | None) -> None:
+    """A mask whose TIFF declares a colour or channel axis (an RGB rendering of labels, a ``CYX`` stack)
+    is the mask's problem; without this it would pass as a 3D mask and its 2D image would be blamed.
+
+    tifffile also writes a 3- or 4-slice ``ZYX`` array as planar RGB; ``ndim=3`` (``--ndim 3``) keeps it.
+    """
+    named = [a for a in (axes or "").upper() if a in "CS"]
+    if not named or (ndim == 3 and data.ndim == 3):
+        return
+    hint = ""
+    if data.ndim == 3 and ndim is None:
+        hint = f" (if it is a 3D mask of {data.shape[axes.upper().index(named[0])]} slices: give --ndim 3)"
+    raise InputError(
+        f"{path}: mask has a colour/channel axis (axes {axes!r}, shape {data.shape}); masks hold one "
+        f"integer instance id per pixel, without channels: save the label image itself, not a coloured "
+        f"rendering of it{hint}"
+    )
+
+
+def _warn_if_semantic(labels: np.ndarray, data: np.ndarray, path: Path) -> None:
+    """Warn when one id covers several separate objects: a binary (semantic) mask, e.g. 0/1 or 0/255,
+    would train all objects as one instance."""
+    if labels.max(initial=0) != 1:
+        return
+    full = ndimage.generate_binary_structure(labels.ndim, labels.ndim)  # diagonal contact joins
+    _, n_parts = ndimage.label(labels > 0, structure=full)
+    if n_parts > 1:
+        value = data.flat[int(np.argmax(labels))]
+        warnings.warn(
+            f"{path}: one id ({value}) covers all {n_parts} separate objects: a binary (semantic) mask? "
+            f"Masks must be instance labels, one id per object (label them first, e.g. "
+            f"scipy.ndimage.label); as it is, the objects train as a single instance",
+            stacklevel=4,
+        )
+
+
 def _validate_mask(data: np.ndarray, path: Path, ndim: int, bg_id: int, fill_holes: bool) -> np.ndarray:
     """int32 labels 0..K from a raw mask; refuses bool, non-integral, negative and wrongly shaped masks."""
     if data.ndim not in (2, 3):
@@ -197,6 +234,7 @@ def _validate_mask(data: np.ndarray, path: Path, ndim: int, bg_id: int, fill_hol
     if data.min() < 0:
         raise InputError(f"{path}: mask has negative values (min {data.min()}); ids must be >= 0")
     labels = _relabel(np.where(data == bg_id, 0, data))
+    _warn_if_semantic(labels, data, path)
     return _fill_holes(labels) if fill_holes else labels
 
 
