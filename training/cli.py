@@ -79,7 +79,7 @@ def _floats(text: str | None, option: str | None = None) -> list[float] | None:
 @click.option(
     "--norm",
     type=click.Choice(UPSTREAM_NORMS),
-    help="Upstream's normalisation, when no normalization.json says it (overrides one that does).",
+    help="Upstream's normalisation (normalization.json's 'norm'); overrides the file's.",
 )
 @click.option(
     "--data-type", type=click.Choice(["8-bit", "16-bit"]), help="For --norm absolute (x/255 or x/65535)."
