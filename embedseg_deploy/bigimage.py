@@ -40,7 +40,7 @@ import tifffile
 
 from .contract import Normalization
 from .io import InputError, channel_axis_of, temp_file_beside, tiff_pixel_size, tiff_write_args
-from .normalize import scale
+from .normalize import percentiles_from_histogram, scale
 from .predict import check_pixel_size, label_dtype, output_pixel_size, per_axis, round_up
 from .tiling import pad_widths, reflect_indices
 
@@ -159,28 +159,6 @@ class LazyImage:
         return out
 
 
-def percentiles_from_histogram(counts: np.ndarray, values: np.ndarray, q: Sequence[float]) -> list[float]:
-    """np.percentile (linear method) of the data whose sorted distinct ``values`` occur ``counts`` times.
-
-    Mirrors numpy's virtual index and interpolation so integer images get bit-identical statistics.
-    """
-    n = int(counts.sum())
-    cum = np.cumsum(counts)
-    out = []
-    for pct in q:
-        virtual = (n - 1) * np.true_divide(pct, 100)  # numpy's "linear" virtual index
-        prev = np.floor(virtual)
-        gamma = virtual - prev
-        i = int(np.clip(prev, 0, n - 1))
-        j = int(np.clip(prev + 1, 0, n - 1))
-        a = float(values[np.searchsorted(cum, i, side="right")])
-        b = float(values[np.searchsorted(cum, j, side="right")])
-        diff = b - a
-        value = b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
-        out.append(float(value))
-    return out
-
-
 def _chunks(lazy: LazyImage) -> list[tuple[slice, ...]]:
     """Slabs along axis 0 of about CHUNK_BYTES each."""
     plane = math.prod(lazy.shape[1:]) * lazy.dtype.itemsize
@@ -251,7 +229,6 @@ def apply_norm(
     x: np.ndarray, norm: Normalization, stats: tuple[np.ndarray, np.ndarray] | None, path: Any = "?"
 ) -> np.ndarray:
     """Normalise ``x`` (C, *spatial) with the whole image's statistics (per channel, shaped (C,))."""
-    x = x.astype(np.float64, copy=False)
     _check_finite(x, path)
     shape = (-1,) + (1,) * (x.ndim - 1)
     return scale(x, norm, stats and tuple(np.asarray(s, np.float64).reshape(shape) for s in stats))

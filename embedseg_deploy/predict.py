@@ -277,16 +277,17 @@ class Predictor:
         t1 = time.perf_counter()
         timings["normalize"] = t1 - t0
         stats: dict[str, float] = {}
+        keep = self.crop(x.shape[1:])
         raw = self.predict_raw(x, stats)
+        del x  # the input is not needed any more: its memory goes before the clustering needs some
         t2 = time.perf_counter()
         timings.update(stats)
         timings["predict"] = t2 - t1
         from .cluster import consecutive_labels, seediness_map  # numba loads in the CLI's warm-up thread
 
-        keep = self.crop(x.shape[1:])
+        seeds = seediness_map(raw[-1][keep]) if want_seeds else None
         labels, n = consecutive_labels(np.asarray(self.cluster(raw))[keep])
         timings["cluster"] = time.perf_counter() - t2
-        seeds = seediness_map(raw[-1][keep]) if want_seeds else None
         return Result(labels=labels, seeds=seeds, n_objects=n, timings=timings, warnings=notes)
 
     def predict(self, image: np.ndarray, channel_axis: int | None = None) -> np.ndarray:
