@@ -39,7 +39,16 @@ import numpy as np
 import tifffile
 
 from .contract import Normalization
-from .io import InputError, channel_axis_of, temp_file_beside, tiff_pixel_size, tiff_write_args
+from .io import (
+    DiskFullError,
+    InputError,
+    channel_axis_of,
+    is_disk_full,
+    series_note,
+    temp_file_beside,
+    tiff_pixel_size,
+    tiff_write_args,
+)
 from .normalize import percentiles_from_histogram, scale
 from .predict import check_pixel_size, label_dtype, output_pixel_size, per_axis, round_up
 from .tiling import pad_widths, reflect_indices
@@ -61,6 +70,7 @@ class BigResult:
     blocks: int
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    pixel_size: tuple[float, ...] | None = None
 
 
 def _check_complete(path: Path, tif: tifffile.TiffFile, series: Any, dtype: np.dtype) -> None:
@@ -107,6 +117,7 @@ class LazyImage:
                 self.dtype = np.dtype(series.dtype)
                 self.axes = series.axes
                 self.pixel_size = tiff_pixel_size(tif, series.axes)
+                self.note = series_note(tif, self.path)
                 self.n_pages = len(series.pages)
                 offset = series.dataoffset
                 _check_complete(self.path, tif, series, self.dtype)
@@ -293,8 +304,10 @@ def predict_big(
     block_halo: int | Sequence[int] | None = None,
     channel_axis: int | None = None,
     progress: Any = None,
+    provenance: dict[str, Any] | None = None,
 ) -> BigResult:
-    """Segment ``input_path`` block by block into ``output_path`` (written atomically)."""
+    """Segment ``input_path`` block by block into ``output_path`` (written atomically, with
+    ``provenance`` in its tags); ``progress(done, total)`` after each block."""
     c = predictor.contract
     m = c.tile_multiple
     lazy = LazyImage(input_path)
@@ -307,8 +320,11 @@ def predict_big(
         raise InputError(f"{lazy.path}: image has 1 channel(s), the model takes {c.in_channels}")
     halo_v = round_up(per_axis(block_halo, c.ndim, "block halo") or predictor.halo, m)
     padded = [n + b + a for n, (b, a) in zip(spatial, pad_widths(spatial, m, c.padding), strict=True)]
-    block_v = round_up(per_axis(block, c.ndim, "block") or default_block(padded, halo_v, c.ndim, m), m)
-    notes = []
+    block_v = per_axis(block, c.ndim, "block") or default_block(padded, halo_v, c.ndim, m)
+    if any(b < 1 for b in block_v):
+        raise InputError(f"{lazy.path}: block sizes must be at least {m} pixels, got {block_v}")
+    block_v = round_up(block_v, m)
+    notes = [lazy.note] if lazy.note else []
     warn = check_pixel_size(lazy.pixel_size, c, f"{lazy.path}: ")
     if warn:
         notes.append(warn)
@@ -322,7 +338,7 @@ def predict_big(
     tmp32 = temp_file_beside(output_path, "u32.tmp")
     next_id = 0
     try:
-        _create_memmap(tmp32, spatial, np.uint32, px)
+        _create_memmap(tmp32, spatial, np.uint32, px, provenance)
         for done, (core, region) in enumerate(plan, 1):
             x = _read_region(lazy, caxis, region, before, spatial)
             t0 = _tick(timings, "read", t0)
@@ -350,7 +366,7 @@ def predict_big(
         if dtype != np.uint32:
             tmp16 = temp_file_beside(output_path, "u16.tmp")
             try:
-                _convert(tmp32, tmp16, spatial, dtype, px)
+                _convert(tmp32, tmp16, spatial, dtype, px, provenance)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp16)
@@ -359,11 +375,14 @@ def predict_big(
             tmp32 = tmp16
         os.replace(tmp32, output_path)
         _tick(timings, "write", t0)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp32)
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise DiskFullError(output_path) from None
         raise
-    return BigResult(next_id, spatial, np.dtype(label_dtype(next_id)), len(plan), timings, notes)
+    dtype = np.dtype(label_dtype(next_id))
+    return BigResult(next_id, spatial, dtype, len(plan), timings, notes, lazy.pixel_size)
 
 
 def _tick(timings: dict[str, float], key: str, since: float) -> float:
@@ -372,13 +391,29 @@ def _tick(timings: dict[str, float], key: str, since: float) -> float:
     return now
 
 
-def _create_memmap(path: Path, shape: Sequence[int], dtype: Any, pixel_size: Sequence[float] | None) -> None:
-    """An all-zero TIFF of ``shape`` whose pixel data can be memory-mapped, with the pixel size."""
+def _create_memmap(
+    path: Path,
+    shape: Sequence[int],
+    dtype: Any,
+    pixel_size: Sequence[float] | None,
+    provenance: dict[str, Any] | None = None,
+) -> None:
+    """An all-zero TIFF of ``shape`` whose pixel data can be memory-mapped, with the pixel size.
+
+    Its space is reserved on disk up front: writing into a sparse memory map on a full disk would kill
+    the process with SIGBUS instead of raising an error.
+    """
     axes = "YX" if len(shape) == 2 else "ZYX"
-    _, kwargs = tiff_write_args(np.empty((1,) * len(shape), dtype), axes, pixel_size, path)
+    _, kwargs = tiff_write_args(np.empty((1,) * len(shape), dtype), axes, pixel_size, path, provenance)
     mm = tifffile.memmap(path, shape=tuple(shape), dtype=dtype, photometric="minisblack", **kwargs)
     mm.flush()
     del mm
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
 
 
 def _inside(
@@ -428,10 +463,15 @@ def _write_block(path: Path, new: np.ndarray, inside: Sequence[slice], next_id: 
 
 
 def _convert(
-    src: Path, dst: Path, shape: Sequence[int], dtype: Any, pixel_size: Sequence[float] | None
+    src: Path,
+    dst: Path,
+    shape: Sequence[int],
+    dtype: Any,
+    pixel_size: Sequence[float] | None,
+    provenance: dict[str, Any] | None = None,
 ) -> None:
     """Copy a uint32 label memmap into a new one of ``dtype``, slab by slab."""
-    _create_memmap(dst, shape, dtype, pixel_size)
+    _create_memmap(dst, shape, dtype, pixel_size, provenance)
     step = max(1, CHUNK_BYTES // max(1, math.prod(shape[1:]) * 4))
     for i in range(0, shape[0], step):  # maps opened per slab keep the resident set at one slab
         a = tifffile.memmap(src, mode="r")

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ import click
 from . import __version__
 from .backends import ALIASES, BACKENDS, BackendError
 from .contract import ContractError
-from .io import InputError
+from .io import DiskFullError, InputError
 
 BACKEND_CHOICES = ["auto", *BACKENDS, *ALIASES]
 
@@ -63,6 +64,66 @@ def _warm_up_clustering() -> threading.Thread:
     return thread
 
 
+class ConsoleReporter:
+    """Tells the user what is about to happen to each file and how far it got (stderr).
+
+    On a terminal the progress line updates in place; in a log (not a terminal) a line is written at
+    most every :attr:`EVERY_S` seconds. ``quiet`` keeps only failures and warnings.
+    """
+
+    EVERY_S = 10.0
+
+    def __init__(self, quiet: bool = False, stream: Any = None):
+        self.quiet = quiet
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.failed: list[str] = []
+        self.t0 = self.last = 0.0
+
+    def reporter(self) -> Any:
+        from .predict import Reporter
+
+        if self.quiet:
+            return Reporter(end=self.end)
+        return Reporter(start=self.start, step=self.step, end=self.end)
+
+    def _echo(self, text: str, nl: bool = True) -> None:
+        click.echo(text, file=self.stream, nl=nl)
+
+    def start(self, path: Path, plan: Any, index: int, total: int) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self._echo(f"[{index}/{total}] {path.name}: {plan.describe()}")
+
+    def step(self, done: int, total: int, unit: str) -> None:
+        now = time.perf_counter()
+        if total <= 1 or (not self.tty and now - self.last < self.EVERY_S and done < total):
+            return
+        self.last = now
+        elapsed = now - self.t0
+        rate = elapsed / max(done, 1)
+        line = (
+            f"  {done}/{total} {unit}, {elapsed:.0f} s, {rate:.1f} s each, ETA {rate * (total - done):.0f} s"
+        )
+        if self.tty:
+            self._echo("\r" + line.ljust(78), nl=done >= total)
+        else:
+            self._echo(line)
+
+    def end(self, record: dict[str, Any], index: int, total: int) -> None:
+        if record["status"] == "failed":
+            self.failed.append(record["error"])
+            self._echo(f"FAILED {record['error']}")
+        for warning in record.get("warnings") or []:
+            self._echo(f"WARNING {warning}")
+        if self.quiet:
+            return
+        if record["status"] == "ok":
+            seconds = (record.get("timings") or {}).get("total", 0.0)
+            self._echo(f"  done: {record['objects']} objects in {seconds:.1f} s -> {record['output']}")
+        elif record["status"] == "skipped":
+            self._echo(f"[{index}/{total}] {Path(record['input']).name}: skipped ({record['reason']})")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="embedseg-run")
 def main() -> None:
@@ -92,24 +153,46 @@ def main() -> None:
     "--tta/--no-tta", default=False, show_default=True, help="Test-time augmentation (8x in 2D, 16x in 3D)."
 )
 @click.option(
-    "--seed-thresh", type=float, default=None, help="Clustering: seediness to start an object [contract]."
-)
-@click.option("--fg-thresh", type=float, default=None, help="Clustering: seediness of foreground [contract].")
-@click.option(
-    "--min-object-size", type=int, default=None, help="Clustering: smallest object in pixels [contract]."
-)
-@click.option(
-    "--min-mask-sum", type=int, default=None, help="Clustering: least foreground to cluster [contract]."
+    "--seed-thresh",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Clustering: seediness to start an object, 0-1 [contract].",
 )
 @click.option(
-    "--min-unclustered-sum", type=int, default=None, help="Clustering: stop when fewer left [contract]."
+    "--fg-thresh",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Clustering: seediness of foreground [contract].",
+)
+@click.option(
+    "--min-object-size",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Clustering: smallest object in pixels [contract].",
+)
+@click.option(
+    "--min-mask-sum",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Clustering: least foreground to cluster [contract].",
+)
+@click.option(
+    "--min-unclustered-sum",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Clustering: stop when fewer left [contract].",
 )
 @click.option("--save-seeds", is_flag=True, help="Also write the seediness map to OUT_DIR/seeds/.")
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="CPU threads (ORT intra-op, numba)."
 )
 @click.option("--channel-axis", type=int, default=None, help="Axis of the channels in the input files.")
-@click.option("--block", default=None, help="Big images: process block by block with this core size (z,y,x).")
+@click.option(
+    "--memory-budget",
+    default=None,
+    help="Memory this run may use (6G, 512M, 40%); larger images go block by block [50% of available].",
+)
+@click.option("--block", default=None, help="Force block mode with this block core size (z,y,x; >= 8).")
 @click.option("--block-halo", default=None, help="Big images: context around each block; > largest object.")
 @click.option(
     "--engine-cache", type=click.Path(path_type=Path), default=None, help="TensorRT engine cache folder."
@@ -136,14 +219,26 @@ def predict(
     save_seeds: bool,
     threads: int | None,
     channel_axis: int | None,
+    memory_budget: str | None,
     block: str | None,
     block_halo: str | None,
     engine_cache: Path | None,
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Segment INPUT files, folders or globs with MODEL (.onnx, .engine or a .pth checkpoint)."""
-    from .predict import PixelSizeWarning, Predictor, predict_files, prepare_output_dir
+    """Segment INPUT files, folders or globs with MODEL (.onnx, .engine or a .pth checkpoint).
+
+    Outputs go to OUT_DIR/<name>.tif with a summary.json that grows as files finish. Rerunning the same
+    command resumes: outputs made with the same model and settings are skipped.
+    """
+    from .memory import parse_budget
+    from .predict import (
+        PixelSizeWarning,
+        Predictor,
+        predict_files,
+        prepare_output_dir,
+        refuse_output_among_inputs,
+    )
 
     thresholds = {
         "seed_thresh": seed_thresh,
@@ -152,7 +247,15 @@ def predict(
         "min_mask_sum": min_mask_sum,
         "min_unclustered_sum": min_unclustered_sum,
     }
+    block_sizes = _sizes(block, "--block")
+    if block_sizes is not None and any(b < 1 for b in block_sizes):
+        raise click.BadParameter(f"{block!r}: block sizes must be at least 8 pixels", param_hint="--block")
     try:
+        budget = parse_budget(memory_budget)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--memory-budget") from None
+    try:
+        refuse_output_among_inputs(inputs, out_dir)
         prepare_output_dir(out_dir)
     except InputError as exc:
         _fail(str(exc))
@@ -172,6 +275,11 @@ def predict(
         )
     except (BackendError, ContractError, InputError, ValueError) as exc:
         _fail(str(exc))
+    ndim = predictor.contract.ndim
+    if channel_axis is not None and not -(ndim + 1) <= channel_axis <= ndim:
+        _fail(
+            f"--channel-axis {channel_axis}: a {ndim}D image with channels has {ndim + 1} axes (0 to {ndim})"
+        )
     described = predictor.backend.describe()
     auto = described.get("auto")
     if not quiet:
@@ -184,25 +292,12 @@ def predict(
             line += " [auto]" + "".join(f"; skipped {s['backend']}: {s['reason']}" for s in auto["skipped"])
         click.echo(line, err=True)
         click.echo(
-            f"tile {predictor.tile or 'whole image'}, halo {predictor.halo}, tta {predictor.tta}", err=True
+            f"tile {predictor.tile or 'whole image'}, halo {predictor.halo}, tta {predictor.tta}; "
+            f"memory budget {budget}",
+            err=True,
         )
     warm.join()
-    bar: Any = None
-    failed: list[str] = []
-
-    def on_file(record: dict[str, Any], done: int, total: int) -> None:
-        nonlocal bar
-        if record["status"] == "failed":
-            failed.append(record["error"])
-            click.echo(f"\nFAILED {record['error']}", err=True)
-        for warning in record.get("warnings") or []:
-            click.echo(f"\nWARNING {warning}", err=True)
-        if quiet:
-            return
-        if bar is None:
-            bar = click.progressbar(length=total, label="segmenting", file=sys.stderr, show_pos=True)
-            bar.__enter__()
-        bar.update(1, Path(record["input"]).name)
+    console = ConsoleReporter(quiet)
 
     # tifffile's parse warnings repeat our per-file messages; keep them off the terminal (a NullHandler,
     # not a level: embedseg_deploy.io listens to tifffile's warnings to detect broken files)
@@ -216,24 +311,29 @@ def predict(
             save_seeds=save_seeds,
             overwrite=overwrite,
             channel_axis=channel_axis,
-            block=_sizes(block, "--block"),
+            block=block_sizes,
             block_halo=_sizes(block_halo, "--block-halo"),
-            on_file=on_file,
+            memory_budget=budget.bytes,
+            reporter=console.reporter(),
         )
     except InputError as exc:
         _fail(str(exc))
-    finally:
-        if bar is not None:
-            bar.__exit__(None, None, None)
+    except DiskFullError as exc:
+        _fail(f"{exc}; the finished outputs are kept: free some space and run the same command to resume", 1)
     counts = summary["counts"]
-    click.echo(
+    line = (
         f"{counts['ok']} segmented, {counts['skipped']} skipped (done before), {counts['failed']} failed; "
         f"{summary['objects']} objects; summary in {out_dir / 'summary.json'}"
     )
-    if failed:
-        click.echo(f"{len(failed)} file(s) failed:", err=True)
-        for message in failed:
+    if summary["stopped"]:
+        line = f"stopped: {summary['stopped']}; {counts['not run']} file(s) not run. " + line
+        line += "\nThe finished outputs are kept: free some space and run the same command to resume."
+    click.echo(line)
+    if console.failed:
+        click.echo(f"{len(console.failed)} file(s) failed:", err=True)
+        for message in console.failed:
             click.echo(f"  {message}", err=True)
+    if console.failed or summary["stopped"]:
         sys.exit(1)
 
 

@@ -21,8 +21,8 @@ class NormalizationError(ValueError):
     """The image cannot be normalised (NaN/inf values, wrong channel layout)."""
 
 
-CHUNK_VALUES = 1 << 22
-"""Values per chunk of the element-wise scaling and the histograms: float64 temporaries stay ~32 MiB."""
+CHUNK_VALUES = 1 << 20
+"""Values per chunk of the element-wise scaling and the histograms: float64 temporaries stay ~24 MiB."""
 
 
 def normalize(image: np.ndarray, norm: Normalization, channel_axis: int | None = None) -> np.ndarray:

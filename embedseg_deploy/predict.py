@@ -37,22 +37,25 @@ from .backends import Backend, create_backend
 from .contract import Contract, Thresholds
 from .io import (
     TIFF_SUFFIXES,
+    DiskFullError,
     InputError,
     atomic_write_json,
     channel_axis_of,
+    read_provenance,
     read_tiff,
+    sha256_file,
     tiff_stem,
     to_channels_first,
     write_tiff_atomic,
 )
+from .memory import limit_heap_fragmentation
 from .normalize import normalize
-from .tiling import balanced_tile, pad_widths, predict_tiled
+from .tiling import balanced_tile, pad_widths, plan_tiles, predict_tiled
 from .tta import predict_tta
 
 PIXEL_SIZE_TOLERANCE = 0.05
 SUMMARY_NAME = "summary.json"
 SEEDS_FOLDER = "seeds"
-AUTO_BLOCK_BYTES = 4 * 2**30  # whole-image mode above this estimate switches to block mode
 THRESHOLD_NAMES = tuple(Thresholds.__dataclass_fields__)
 
 
@@ -90,6 +93,34 @@ def round_up(values: Sequence[int], multiple: int) -> list[int]:
 def label_dtype(n_objects: int) -> np.dtype:
     """uint16 while ids fit (Fiji/napari read it everywhere), uint32 beyond 65535 objects."""
     return np.dtype(np.uint16) if n_objects <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
+
+
+def check_thresholds(thresholds: Mapping[str, Any]) -> None:
+    """Refuse clustering parameters that cannot mean anything (a seediness is a probability)."""
+    for name in ("seed_thresh", "fg_thresh"):
+        value = thresholds.get(name)
+        if value is not None and not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name} must be between 0 and 1 (a seediness), got {value!r}")
+    for name in ("min_object_size", "min_mask_sum", "min_unclustered_sum"):
+        value = thresholds.get(name)
+        if value is not None and not (float(value).is_integer() and value >= 0):
+            raise ValueError(f"{name} must be a whole number of pixels >= 0, got {value!r}")
+
+
+def settings_differences(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[str]:
+    """What differs between the label settings an output was made with and this run's, in words."""
+    if old is None:
+        return ["it records no settings (made by another program or an older embedseg-deploy)"]
+    out = []
+    for key, value in new.items():
+        before = old.get(key)
+        if before == value or (isinstance(value, list | tuple) and list(value) == before):
+            continue
+        if key == "model_sha256":
+            out.append(f"another model (sha256 {str(before)[:12]}…, this run {str(value)[:12]}…)")
+        else:
+            out.append(f"{key} {before} (this run {value})")
+    return out
 
 
 def check_pixel_size(image_px: Sequence[float] | None, contract: Contract, where: str = "") -> str | None:
@@ -136,6 +167,7 @@ class Predictor:
         progress: Callable[[int, int], None] | None = None,
     ):
         t0 = time.perf_counter()
+        limit_heap_fragmentation()
         if threads:
             _set_numba_threads(threads)
         self.backend = (
@@ -171,7 +203,27 @@ class Predictor:
             **vars(c.thresholds),
             **{k: v for k, v in (thresholds or {}).items() if v is not None},
         }
+        check_thresholds(self.thresholds)
         self.progress = progress
+        self._sha256: str | None = None
+
+    @property
+    def model_sha256(self) -> str | None:
+        """SHA-256 of the model file (computed once), None for a backend built without a file."""
+        path = self.backend.model_path
+        if self._sha256 is None and path is not None and Path(path).is_file():
+            self._sha256 = sha256_file(path)
+        return self._sha256
+
+    def label_settings(self) -> dict[str, Any]:
+        """What decides the labels besides the image: stored in every label file, compared on resume."""
+        return {
+            "model_sha256": self.model_sha256,
+            **{k: self.thresholds[k] for k in THRESHOLD_NAMES},
+            "tta": self.tta,
+            "tile": self.tile,
+            "halo": self.halo,
+        }
 
     # ----------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -433,6 +485,40 @@ def versions(*extra: str) -> dict[str, str]:
     return out
 
 
+STATUSES = ("ok", "skipped", "failed", "not run")
+SUMMARY_EVERY_S = 2.0  # summary.json is rewritten after a file at most this often (and at the end)
+
+
+@dataclass
+class FilePlan:
+    """How one file will be processed, decided from its header before any pixel is read."""
+
+    spatial: tuple[int, ...]
+    mode: str  # "whole image" or "blocks"
+    units: int  # network tiles (whole image) or blocks
+    estimate: int  # bytes the mode is expected to add to the resident set
+    block: list[int] | None = None  # block core size (block mode)
+    reason: str = ""
+
+    def describe(self) -> str:
+        shape = "x".join(map(str, self.spatial))
+        mpx = math.prod(self.spatial) / 1e6
+        unit = ("tile" if self.mode == "whole image" else "block") + ("s" if self.units != 1 else "")
+        size = f"{mpx:.1f} M{'px' if len(self.spatial) == 2 else 'vox'}"
+        text = f"{shape} ({size}), {self.mode}, {self.units} {unit}"
+        return text + (f" ({self.reason})" if self.reason else "")
+
+
+@dataclass
+class Reporter:
+    """What a batch run tells its caller while it works (all optional): ``start(path, plan, i, n)``
+    before a file, ``step(done, total, unit)`` inside it, ``end(record, i, n)`` after it."""
+
+    start: Callable[[Path, FilePlan, int, int], None] | None = None
+    step: Callable[[int, int, str], None] | None = None
+    end: Callable[[dict[str, Any], int, int], None] | None = None
+
+
 def predict_files(
     predictor: Predictor,
     inputs: Iterable[str | os.PathLike],
@@ -443,48 +529,101 @@ def predict_files(
     channel_axis: int | None = None,
     block: int | Sequence[int] | None = None,
     block_halo: int | Sequence[int] | None = None,
+    memory_budget: str | int | None = None,
     on_file: Callable[[dict[str, Any], int, int], None] | None = None,
+    reporter: Reporter | None = None,
     summary_name: str | None = SUMMARY_NAME,
 ) -> dict[str, Any]:
-    """Segment many images; one failing file never stops the others.
+    """Segment many images; one failing file never stops the others (a full disk stops the run).
 
-    Outputs are ``out_dir/<stem>.tif`` (uint16 labels, uint32 past 65535 objects, with the input's pixel
-    size) and, with ``save_seeds``, ``out_dir/seeds/<stem>.tif`` (float32 seediness). Finished outputs are
-    skipped unless ``overwrite`` (resume after an interruption: outputs are written to a temp file and
-    renamed, so an existing output is complete). ``block`` switches to block-wise processing of big
-    images (see :mod:`embedseg_deploy.bigimage`). ``on_file(record, done, total)`` is called after each
-    file. Returns
-    the run summary (also written to ``out_dir/summary.json``); ``summary['failed']`` counts failures.
+    Outputs are ``out_dir/<stem>.tif`` (uint16 labels, uint32 past 65535 objects, ids 1..n, with the
+    input's pixel size and the label settings: :meth:`Predictor.label_settings`) and, with ``save_seeds``,
+    ``out_dir/seeds/<stem>.tif`` (float32 seediness). An existing complete output made with the same
+    settings is skipped (resume); one made otherwise is reported, not touched, unless ``overwrite``.
+    ``memory_budget`` (bytes, ``"6G"``, ``"40%"``; default half the available memory) chooses between
+    whole-image and block mode per file and sizes the blocks; ``block`` forces block mode with that core
+    size (:mod:`embedseg_deploy.bigimage`). ``reporter`` hears about each file before, during and after
+    it; ``on_file(record, done, total)`` after each file. Returns the run summary, also written to
+    ``out_dir/summary.json`` as the run goes; ``summary['failed']`` counts failures.
     """
+    from .memory import parse_budget
+
     started = time.time()
     out_dir = Path(out_dir)
+    budget = parse_budget(memory_budget)
+    inputs = list(inputs)
+    refuse_output_among_inputs(inputs, out_dir)
     prepare_output_dir(out_dir)
     if save_seeds:
         prepare_output_dir(out_dir / SEEDS_FOLDER)
     files, failed = expand_inputs(inputs)
     jobs = failed + plan_jobs(files, out_dir, save_seeds)
+    reporter = reporter or Reporter()
     records: list[dict[str, Any]] = []
+    stopped: str | None = None
+    last_write = 0.0
+
+    def summary() -> dict[str, Any]:
+        done = {r["input"] for r in records}
+        pending = [{"input": str(j.input), "status": "not run"} for j in jobs if str(j.input) not in done]
+        rows = records + pending
+        return {
+            "embedseg_run": "predict",
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+            "seconds": round(time.time() - started, 3),
+            "finished": len(records) == len(jobs) and stopped is None,
+            "stopped": stopped,
+            "out_dir": str(out_dir),
+            "predictor": predictor.describe(),
+            "label_settings": predictor.label_settings(),
+            "memory_budget": {"bytes": budget.bytes, "source": budget.source},
+            "versions": versions(),
+            "counts": {s: sum(r["status"] == s for r in rows) for s in STATUSES},
+            "failed": sum(r["status"] == "failed" for r in rows),
+            "objects": sum(r.get("objects") or 0 for r in rows),
+            "timings": _sum_timings(records),
+            "files": rows,
+        }
+
     for i, job in enumerate(jobs, 1):
-        record = process_job(predictor, job, save_seeds, overwrite, channel_axis, block, block_halo)
+        record = process_job(
+            predictor, job, save_seeds, overwrite, channel_axis, block, block_halo, budget.bytes, reporter, i,
+            len(jobs),
+        )  # fmt: skip
         records.append(record)
+        if record.pop("disk_full", False):
+            stopped = record["error"]
+        if reporter.end is not None:
+            reporter.end(record, i, len(jobs))
         if on_file is not None:
             on_file(record, i, len(jobs))
-    summary = {
-        "embedseg_run": "predict",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-        "seconds": round(time.time() - started, 3),
-        "out_dir": str(out_dir),
-        "predictor": predictor.describe(),
-        "versions": versions(),
-        "counts": {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")},
-        "failed": sum(r["status"] == "failed" for r in records),
-        "objects": sum(r.get("objects") or 0 for r in records),
-        "timings": _sum_timings(records),
-        "files": records,
-    }
-    if summary_name:
-        atomic_write_json(out_dir / summary_name, summary)
-    return summary
+        if summary_name and (time.time() - last_write >= SUMMARY_EVERY_S or i == len(jobs) or stopped):
+            try:
+                atomic_write_json(out_dir / summary_name, summary())
+            except DiskFullError as exc:
+                stopped = stopped or f"{out_dir / summary_name}: cannot write the summary: {exc}"
+            last_write = time.time()
+        if stopped:
+            break
+    result = summary()
+    if summary_name and not stopped:
+        atomic_write_json(out_dir / summary_name, result)
+    return result
+
+
+def refuse_output_among_inputs(inputs: Sequence[str | os.PathLike], out_dir: Path) -> None:
+    """Labels written among the images would be read as images by the next run: refuse up front."""
+    target = out_dir.resolve()
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            path = Path(os.path.dirname(str(item)) or ".")  # a glob pattern: its folder
+        folder = path if path.is_dir() else path.parent
+        if folder.resolve() == target:
+            raise InputError(
+                f"{out_dir}: the output folder holds input images ({item}); labels written there would be "
+                "read as images by the next run: choose another output folder"
+            )
 
 
 def prepare_output_dir(out_dir: Path) -> None:
@@ -510,52 +649,72 @@ def process_job(
     channel_axis: int | None,
     block: int | Sequence[int] | None,
     block_halo: int | Sequence[int] | None,
+    budget: int | None = None,
+    reporter: Reporter | None = None,
+    index: int = 1,
+    total: int = 1,
 ) -> dict[str, Any]:
-    """Run one file; every expected failure becomes ``status='failed'`` with the reason."""
+    """Run one file; every expected failure becomes ``status='failed'`` with the reason (a full disk also
+    sets ``disk_full``)."""
     record: dict[str, Any] = {"input": str(job.input), "output": str(job.output) if job.output else None}
     if job.error:
         return {**record, "status": "failed", "error": job.error}
     assert job.output is not None
+    reporter = reporter or Reporter()
     t0 = time.perf_counter()
+    settings = predictor.label_settings()
     try:
-        spatial = _header_shape(job.input, predictor.contract, channel_axis)
-        auto = block is None and spatial is not None and needs_blocks(spatial, predictor.contract)
+        header = _header(job.input, predictor.contract, channel_axis)
+        if header is not None and not overwrite and job.output.is_file():
+            done = _resume_check(job, header[0], settings)
+            if done is not None:
+                return {**record, **done}
+        plan = plan_file(predictor, header, block, block_halo, budget) if header is not None else None
         notes = []
-        if block is not None or auto:
-            if job.seeds is not None:
-                notes.append(f"{job.input}: seeds are not saved in block mode")
+        if plan is not None and plan.mode == "blocks" and job.seeds is not None:
+            notes.append(f"{job.input}: seeds are not saved in block mode")
             job.seeds = None
-        if not overwrite and spatial is not None and _finished(job, spatial):
-            return {**record, "status": "skipped", "reason": "output exists and is complete"}
         for target in (job.output, job.seeds):
             if target is not None:
                 remove_stale_temps(target)
-        if block is not None or auto:
+        if plan is not None and reporter.start is not None:
+            reporter.start(job.input, plan, index, total)
+        if plan is not None and plan.mode == "blocks":
             from .bigimage import predict_big
 
-            big = predict_big(predictor, job.input, job.output, block, block_halo, channel_axis=channel_axis)
-            if auto:
-                notes.append(f"{job.input}: too large for whole-image mode; processed block by block")
+            big = predict_big(
+                predictor, job.input, job.output, plan.block, block_halo, channel_axis=channel_axis,
+                progress=reporter.step and (lambda d, n: reporter.step(d, n, "blocks")), provenance=settings,
+            )  # fmt: skip
+            timings = {**big.timings, "total": time.perf_counter() - t0}
             return {
                 **record,
                 "status": "ok",
                 "objects": big.n_objects,
                 "shape": list(big.shape),
                 "dtype": str(big.dtype),
-                "mode": "blocks (auto)" if auto else "blocks",
-                "timings": _rounded(big.timings),
+                "pixel_size": output_pixel_size(big.pixel_size, predictor.contract.ndim),
+                "mode": f"blocks ({plan.units}, core {'x'.join(map(str, plan.block))})",
+                "timings": _rounded(timings),
                 "warnings": notes + big.warnings,
             }
         t_read = time.perf_counter()
         img = read_tiff(job.input)
         read_s = time.perf_counter() - t_read
-        result = predictor.run(img.data, channel_axis, img.axes, img.pixel_size, save_seeds, path=job.input)
+        unit = "TTA passes" if predictor.tta else "tiles"
+        predictor.progress = reporter.step and (lambda d, n: reporter.step(d, n, unit))
+        try:
+            result = predictor.run(
+                img.data, channel_axis, img.axes, img.pixel_size, save_seeds, path=job.input
+            )
+        finally:
+            predictor.progress = None
         t_write = time.perf_counter()
         px = output_pixel_size(img.pixel_size, predictor.contract.ndim)
         labels = result.labels.astype(label_dtype(result.n_objects), copy=False)
-        write_tiff_atomic(job.output, labels, pixel_size=px, overwrite=True)
+        write_tiff_atomic(job.output, labels, pixel_size=px, overwrite=True, provenance=settings)
         if job.seeds is not None and result.seeds is not None:
-            write_tiff_atomic(job.seeds, result.seeds, pixel_size=px, overwrite=True)
+            write_tiff_atomic(job.seeds, result.seeds, pixel_size=px, overwrite=True, provenance=settings)
         timings = {"read": read_s, **result.timings, "write": time.perf_counter() - t_write}
         timings["total"] = time.perf_counter() - t0
         return {
@@ -565,10 +724,18 @@ def process_job(
             "shape": list(labels.shape),
             "dtype": str(labels.dtype),
             "pixel_size": px,
+            "mode": "whole image" if plan is None or plan.units == 1 else f"whole image ({plan.units} tiles)",
             "timings": _rounded(timings),
-            "warnings": notes + result.warnings,
+            "warnings": notes + list(img.notes) + result.warnings,
         }
     except Exception as exc:  # one bad file must not stop the batch; the reason is reported
+        if isinstance(exc, DiskFullError):
+            return {
+                **record,
+                "status": "failed",
+                "error": f"{job.input}: cannot write output: {exc}",
+                "disk_full": True,
+            }
         message = str(exc) or type(exc).__name__
         if not isinstance(exc, InputError | ValueError | OSError | MemoryError | RuntimeError):
             message = f"{type(exc).__name__}: {message}"
@@ -579,6 +746,69 @@ def process_job(
         return {**record, "status": "failed", "error": message}
 
 
+def _resume_check(job: Job, spatial: Sequence[int], settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``skipped`` for a finished output made with these settings, ``failed`` (saying what differs) for one
+    made otherwise; None when the file must be (re)made."""
+    if not _finished(job, spatial):
+        return None
+    differences = settings_differences(read_provenance(job.output), settings)
+    if not differences:
+        return {"status": "skipped", "reason": "output exists and is complete, made with the same settings"}
+    return {
+        "status": "failed",
+        "error": (
+            f"{job.input}: output {job.output} exists but was made with other settings: "
+            f"{'; '.join(differences)}. Use --overwrite to redo it, or choose another output folder"
+        ),
+    }
+
+
+def plan_file(
+    predictor: Predictor,
+    header: tuple[tuple[int, ...], int, int],
+    block: int | Sequence[int] | None,
+    block_halo: int | Sequence[int] | None,
+    budget: int | None,
+) -> FilePlan:
+    """Whole image or blocks for an image of this header, from the memory budget (see
+    :mod:`embedseg_deploy.memory`); block mode gets the largest blocks that fit."""
+    from . import memory
+
+    c = predictor.contract
+    spatial, itemsize, channels = header
+    m = c.tile_multiple
+    padded = [n + b + a for n, (b, a) in zip(spatial, pad_widths(spatial, m, c.padding), strict=True)]
+    args = (c.ndim, channels, itemsize, predictor.tta, predictor.batch_size)
+    tile = predictor.tile and balanced_tile(spatial, predictor.tile, predictor.halo, m, c.padding)
+    whole = memory.rss_bytes() + memory.whole_image_peak(padded, tile, *args)
+    halo = round_up(per_axis(block_halo, c.ndim, "block halo") or predictor.halo, m)
+    if block is not None:
+        core = check_block(per_axis(block, c.ndim, "block"), m)
+        return FilePlan(tuple(spatial), "blocks", _count_blocks(padded, core), whole, core, "--block given")
+    if budget is None or whole <= budget:
+        units = len(plan_tiles(spatial, tile, predictor.halo if tile else 0, m, c.padding))
+        return FilePlan(tuple(spatial), "whole image", units, whole)
+    region = memory.block_region(budget - memory.rss_bytes(), padded, halo, predictor.tile, *args[:3], m,
+                                 predictor.tta, predictor.batch_size)  # fmt: skip
+    core = [p if r >= p else max(m, r - 2 * h) for p, r, h in zip(padded, region, halo, strict=True)]
+    reason = (
+        f"whole image would need ~{memory.format_bytes(whole)}, more than the memory budget of "
+        f"{memory.format_bytes(budget)}"
+    )
+    return FilePlan(tuple(spatial), "blocks", _count_blocks(padded, core), whole, core, reason)
+
+
+def check_block(block: Sequence[int] | None, multiple: int) -> list[int]:
+    """Block core sizes: positive, rounded up to the tile multiple."""
+    if block is None or any(b < 1 for b in block):
+        raise ValueError(f"--block needs sizes of at least {multiple} pixels, got {block}")
+    return round_up(block, multiple)
+
+
+def _count_blocks(padded: Sequence[int], core: Sequence[int]) -> int:
+    return math.prod(-(-p // c) for p, c in zip(padded, core, strict=True))
+
+
 def remove_stale_temps(output: Path) -> None:
     """Delete temp files an interrupted run left for ``output`` (``.<name>.*.tmp`` beside it)."""
     for tmp in output.parent.glob(f".{glob_escape(output.name)}.*.tmp"):
@@ -586,18 +816,22 @@ def remove_stale_temps(output: Path) -> None:
             tmp.unlink()
 
 
-def _header_shape(path: Path, contract: Contract, channel_axis: int | None) -> tuple[int, ...] | None:
-    """Spatial shape from the TIFF header, or None when the header cannot be read (reported later)."""
+def _header(
+    path: Path, contract: Contract, channel_axis: int | None
+) -> tuple[tuple[int, ...], int, int] | None:
+    """(spatial shape, bytes per value, channels) from the TIFF header, or None when the header cannot be
+    read (the reader reports why later)."""
     try:
-        return spatial_shape_of(path, contract, channel_axis)[0]
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            shape, axes, itemsize = tuple(series.shape), series.axes, np.dtype(series.dtype).itemsize
+        caxis = channel_axis_of(shape, contract.ndim, contract.in_channels, channel_axis, path, axes)
     except Exception:
         return None
-
-
-def needs_blocks(spatial: Sequence[int], contract: Contract, budget: int = AUTO_BLOCK_BYTES) -> bool:
-    """True when whole-image prediction would need more than ``budget`` bytes (input, raw output, labels)."""
-    per_pixel = 4 * (contract.in_channels + contract.out_channels + 3)
-    return math.prod(spatial) * per_pixel > budget
+    spatial = tuple(n for i, n in enumerate(shape) if i != caxis)
+    return spatial, itemsize, 1 if caxis is None else shape[caxis]
 
 
 def _finished(job: Job, spatial: Sequence[int]) -> bool:

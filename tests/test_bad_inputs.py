@@ -3,7 +3,6 @@ past bad files, exit codes say what happened, and no input is ever changed."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import importlib.util
 import json
@@ -108,7 +107,12 @@ def test_a_batch_goes_on_past_bad_files(corpus, model, tmp_path):
     assert _hashes(corpus) == before
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     n_fail = sum(case[1] == "fail" for case in IMAGES.values()) + 3
-    assert summary["counts"] == {"ok": len(IMAGES) - n_fail + 3 + 2, "skipped": 0, "failed": n_fail}
+    assert summary["counts"] == {
+        "ok": len(IMAGES) - n_fail + 3 + 2,
+        "skipped": 0,
+        "failed": n_fail,
+        "not run": 0,
+    }
     for name in ("good0.tif", "good1.tif", "uint8.tif", "one_pixel.tif"):
         assert (tmp_path / "out" / name).is_file()
     for text in ("folder_named.tif: folder holds no .tif/.tiff files", "missing.tif: file not found",
@@ -158,9 +162,12 @@ def test_output_equal_to_input_is_refused(corpus, model, tmp_path):
     tifffile.imwrite(src, tifffile.imread(corpus / "uint8.tif"))
     before = src.read_bytes()
     result = _run(model, src, "-o", tmp_path)
-    assert result.exit_code == 1
-    assert "img.tif: output" in result.output and "would overwrite an input file" in result.output
-    assert src.read_bytes() == before
+    assert result.exit_code == 2  # refused up front, before the model loads
+    assert "the output folder holds input images" in result.output and "img.tif" in result.output
+    assert src.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["img.tif"]
+    for given in ([tmp_path], [str(tmp_path / "*.tif")]):  # the folder itself, or a pattern inside it
+        result = _run(model, *given, "-o", tmp_path)
+        assert result.exit_code == 2 and "the output folder holds input images" in result.output
 
 
 def test_unwritable_output_folder(corpus, model, tmp_path):
@@ -176,7 +183,7 @@ def test_unwritable_output_folder(corpus, model, tmp_path):
         assert result.exit_code == 2 and "cannot be created or written" in result.output
 
 
-def test_disk_full_leaves_no_partial_file_and_resumes(corpus, model, tmp_path, monkeypatch):
+def test_disk_full_stops_the_run_keeps_the_finished_files_and_resumes(corpus, model, tmp_path, monkeypatch):
     src = tmp_path / "in"
     src.mkdir()
     for i in range(3):
@@ -186,22 +193,65 @@ def test_disk_full_leaves_no_partial_file_and_resumes(corpus, model, tmp_path, m
 
     def full_disk(file, data=None, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second output hits a full disk half-way
+        if calls["n"] == 2:  # the second output hits a full disk half-way, as numpy reports it
             file.write(b"II*\x00partial")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError("16384 requested and 10072 written")
         return real_imwrite(file, data, *args, **kwargs)
 
     monkeypatch.setattr(tifffile, "imwrite", full_disk)
     out = tmp_path / "out"
     result = _run(model, src, "-o", out)
     assert result.exit_code == 1
-    assert "img1.tif: cannot write output: No space left on device" in result.output
-    assert sorted(p.name for p in out.iterdir()) == [
-        "img0.tif",
-        "img2.tif",
-        "summary.json",
-    ]  # no partial/temp
+    assert f"img1.tif: cannot write output: no space left on {out} (writing img1.tif)" in result.output
+    assert "stopped:" in result.output and "1 file(s) not run" in result.output
+    assert "run the same command to resume" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["img0.tif", "summary.json"]  # no partial/temp file
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["counts"] == {"ok": 1, "skipped": 0, "failed": 1, "not run": 1} and summary["stopped"]
     monkeypatch.setattr(tifffile, "imwrite", real_imwrite)
     result = _run(model, src, "-o", out)
-    assert result.exit_code == 0 and "1 segmented, 2 skipped" in result.output
+    assert result.exit_code == 0 and "2 segmented, 1 skipped" in result.output
     assert tifffile.imread(out / "img1.tif").shape == (32, 32)
+
+
+def test_disk_full_while_writing_the_summary_is_a_message(corpus, model, tmp_path, monkeypatch):
+    from embedseg_deploy import predict as predict_module
+    from embedseg_deploy.io import DiskFullError
+
+    def full(path, *args, **kwargs):
+        raise DiskFullError(path)
+
+    monkeypatch.setattr(predict_module, "atomic_write_json", full)
+    out = tmp_path / "out"
+    result = _run(model, corpus / "uint8.tif", "-o", out)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"cannot write the summary: no space left on {out}" in result.output
+    assert (out / "uint8.tif").is_file()  # the finished label file is kept
+
+
+def test_a_real_full_disk(corpus, model, tmp_path):
+    """A 1 MiB tmpfs: the first 512 x 512 label file fits, the second does not."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.decode().strip() or 'not permitted'})")
+    try:
+        src = tmp_path / "in"
+        src.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(3):  # noise: many objects, so the labels do not compress away
+            tifffile.imwrite(src / f"img{i}.tif", rng.integers(0, 255, (512, 512), dtype=np.uint8))
+        out = disk / "out"
+        result = _run(model, src, "-o", out, "--min-object-size", "0")
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "no space left on" in result.output and "stopped:" in result.output
+        kept = sorted(p.name for p in out.iterdir())
+        assert "img0.tif" in kept and not [k for k in kept if k.startswith(".")]
+        assert tifffile.imread(out / "img0.tif").shape == (512, 512)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)

@@ -212,22 +212,40 @@ def test_predict_files_keeps_pixel_size_and_saves_seeds(cpu2d, tmp_path):
     assert labels.data.dtype == np.uint16 and labels.data.max() == truth.max()
     np.testing.assert_allclose(labels.pixel_size, (0.25, 0.5), rtol=1e-6)
     assert seeds.dtype == np.float32 and seeds.shape == image.shape and seeds.min() >= 0 and seeds.max() <= 1
-    assert summary["counts"] == {"ok": 1, "skipped": 0, "failed": 0} and summary["objects"] == truth.max()
+    assert (
+        summary["counts"] == {"ok": 1, "skipped": 0, "failed": 0, "not run": 0}
+        and summary["objects"] == truth.max()
+    )
 
 
-def test_images_too_big_for_memory_switch_to_blocks(cpu2d, tmp_path, monkeypatch):
-    from embedseg_deploy import predict as predict_module
+def test_images_too_big_for_the_memory_budget_go_block_by_block(cpu2d, tmp_path):
+    """The budget decides the mode before any pixel is read, and the reporter hears it first."""
+    from embedseg_deploy.predict import Reporter
 
     image, truth = blobs((64, 64), 4, seed=9)
     tifffile.imwrite(tmp_path / "big.tif", image)
-    assert not predict_module.needs_blocks((64, 64), cpu2d.contract)
-    monkeypatch.setattr(predict_module.needs_blocks, "__defaults__", (1000,))
-    summary = predict_files(Predictor(cpu2d), [tmp_path / "big.tif"], tmp_path / "out", save_seeds=True)
+    events = []
+    reporter = Reporter(
+        start=lambda path, plan, i, n: events.append(("start", plan)),
+        step=lambda done, total, unit: events.append(("step", (done, total, unit))),
+        end=lambda record, i, n: events.append(("end", record)),
+    )
+    roomy = predict_files(Predictor(cpu2d), [tmp_path / "big.tif"], tmp_path / "whole", reporter=reporter)
+    assert roomy["files"][0]["mode"] == "whole image" and events[0][1].mode == "whole image"
+    events.clear()
+    summary = predict_files(
+        Predictor(cpu2d), [tmp_path / "big.tif"], tmp_path / "out", save_seeds=True, memory_budget=1,
+        reporter=reporter,
+    )  # fmt: skip
     (record,) = summary["files"]
-    assert record["mode"] == "blocks (auto)" and record["objects"] == truth.max()
-    assert any("block by block" in w for w in record["warnings"])
+    plan = events[0][1]
+    assert events[0][0] == "start" and plan.mode == "blocks" and "more than the memory budget" in plan.reason
+    steps = [e[1] for e in events if e[0] == "step"]
+    assert steps and steps[-1] == (plan.units, plan.units, "blocks") and events[-1][0] == "end"
+    assert record["mode"].startswith("blocks") and record["objects"] == truth.max()
+    assert record["pixel_size"] is None and "pixel_size" in record
     assert any("seeds are not saved" in w for w in record["warnings"])
-    again = predict_files(Predictor(cpu2d), [tmp_path / "big.tif"], tmp_path / "out", save_seeds=True)
+    again = predict_files(Predictor(cpu2d), [tmp_path / "big.tif"], tmp_path / "out", memory_budget=1)
     assert again["counts"]["skipped"] == 1  # resumable in block mode too
 
 

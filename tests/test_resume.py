@@ -36,7 +36,7 @@ def test_kill_mid_batch_then_resume(tmp_path_factory, tmp_path):
 
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None and not _outputs(out):
+    while time.monotonic() < deadline and proc.poll() is None and not (out / "summary.json").exists():
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
@@ -45,6 +45,9 @@ def test_kill_mid_batch_then_resume(tmp_path_factory, tmp_path):
     assert 1 <= len(done) < N_FILES
     for path in done:  # whatever exists after the kill is a complete label image
         assert output_is_complete(path, (160, 160))
+    killed = json.loads((out / "summary.json").read_text())  # written as the run goes
+    assert not killed["finished"] and 1 <= killed["counts"]["ok"] <= len(done)
+    assert killed["counts"]["not run"] == N_FILES - killed["counts"]["ok"]
 
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -53,7 +56,7 @@ def test_kill_mid_batch_then_resume(tmp_path_factory, tmp_path):
     assert not list(out.glob(".*.tmp")), "temp files of the killed run were left behind"
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["counts"] == {"ok": N_FILES - len(done), "skipped": len(done), "failed": 0}
+    assert summary["counts"] == {"ok": N_FILES - len(done), "skipped": len(done), "failed": 0, "not run": 0}
 
     predictor = Predictor(model, backend="onnx-cpu", tta=True, threads=1)
     for i in (0, len(done) - 1, len(done), N_FILES - 1):  # before, at and after the kill
