@@ -129,7 +129,10 @@ def make_image(shape: tuple[int, ...], path: Path) -> None:
 
 
 def run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    # run outside the checkout: `python -c` puts the working folder first on sys.path, before PYTHONPATH
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, check=False, env=env, cwd=tempfile.gettempdir()
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[3:])} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -22,7 +22,7 @@ import click
 
 from . import __version__
 from .backends import ALIASES, BACKENDS, BackendError
-from .contract import ContractError
+from .contract import ContractError, describe_contract
 from .io import DiskFullError, InputError
 
 BACKEND_CHOICES = ["auto", *BACKENDS, *ALIASES]
@@ -378,15 +378,10 @@ def info(model: Path, backend: str, device: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=1, default=str))
         return
-    c = b.contract
-    click.echo(f"model      {model}")
-    click.echo(f"backend    {b.name} on {b.device} ({b.precision})")
-    click.echo(f"ndim       {c.ndim}, in_channels {c.in_channels}, outputs {', '.join(c.channels)}")
-    click.echo(f"spacing    {c.spacing} (array order), pixel size {c.pixel_size}, padding {c.padding}")
-    click.echo(f"normalize  {c.normalization}")
-    click.echo(f"thresholds {vars(c.thresholds)}")
-    for dev in sorted(c.tile):
-        click.echo(f"tile {dev:<5} {c.tile[dev]['size']} halo {c.tile[dev]['halo']}")
+    click.echo(f"model       {model} ({b.precision})")
+    click.echo(f"backend     {b.name} on {b.device}")
+    for line in describe_contract(b.contract):
+        click.echo(line)
 
 
 @main.command()

@@ -199,6 +199,53 @@ class Contract:
         return list(entry["size"]), list(entry["halo"])
 
 
+def describe_contract(c: Contract) -> list[str]:
+    """The contract in words, one ``label  text`` line each (``embedseg-run info``)."""
+    axes = "zyx"[-c.ndim :]
+    n = c.normalization
+    if n.kind == "percentile":
+        norm = f"percentiles {n.pmin:g}-{n.pmax:g} of the image mapped to 0-1{', clipped' if n.clip else ''}"
+    elif n.kind == "absolute":
+        norm = f"divided by {n.divisor:g}"
+    elif n.kind == "mean-std":
+        norm = "mean 0, standard deviation 1"
+    else:
+        norm = "none"
+    if n.kind != "none":
+        norm += ", per channel" if n.per_channel and c.in_channels > 1 else ""
+    per_unit = [f"{1 / s:.6g}" for s in c.spacing]
+    spacing = (
+        f"{' x '.join(f'{s:.6g}' for s in c.spacing)} embedding units per pixel ({', '.join(axes)}): an "
+        f"embedding unit spans {' x '.join(per_unit)} pixels; the learned sigmas are in these units, so "
+        "images must keep the training pixel size"
+    )
+    if c.pixel_size:
+        px = f"{' x '.join(f'{p:g}' for p in c.pixel_size)} µm ({', '.join(axes[-len(c.pixel_size) :])})"
+    else:
+        px = "not recorded (input pixel sizes are not checked against the training data)"
+    t = c.thresholds
+    tiles = "; ".join(
+        f"{dev} {'x'.join(map(str, e['size']))} (halo {'x'.join(map(str, e['halo']))})"
+        for dev, e in c.tile.items()
+    )
+    arch = c.architecture.get("name", "?")
+    return [
+        f"network     {arch} {c.ndim}D, {c.in_channels} input channel(s), outputs {', '.join(c.channels)}",
+        f"normalise   {norm}",
+        f"spacing     {spacing}",
+        f"pixel size  {px}" + (f", anisotropy (z/x) {c.anisotropy:g}" if c.ndim == 3 else ""),
+        f"padding     reflect to multiples of {c.tile_multiple}, "
+        + (
+            "split before and after (upstream 2D)"
+            if c.padding == "center"
+            else "after the image (upstream 3D)"
+        ),
+        f"clustering  seed_thresh {t.seed_thresh:g}, fg_thresh {t.fg_thresh:g}, min_object_size "
+        f"{t.min_object_size}, min_mask_sum {t.min_mask_sum}, min_unclustered_sum {t.min_unclustered_sum}",
+        f"tiles       {tiles}",
+    ]
+
+
 def default_architecture(ndim: int, in_channels: int = 1) -> dict[str, Any]:
     return {
         "name": "BranchedERFNet" if ndim == 2 else "BranchedERFNet_3d",

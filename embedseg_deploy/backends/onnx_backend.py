@@ -160,6 +160,7 @@ class OnnxRuntimeBackend(Backend):
                 "elsewhere (check the GPU, CUDA/cuDNN libraries, onnxruntime-gpu)"
             )
         contract = read_contract(session, path)
+        _check_output(session, contract, path)
         io_type = session.get_inputs()[0].type
         export = contract.provenance.get("export") or {}
         precision = export.get("precision") or ("fp16" if "float16" in io_type else "fp32")
@@ -194,6 +195,32 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self.session = None
+
+
+def _check_output(session: Any, contract: Any, path: Path) -> None:
+    """The graph's output must be what the contract describes (N, 2*ndim+1, *spatial): found at load, not
+    on every file. A symbolic channel count is checked on the smallest input the model takes."""
+    outputs = session.get_outputs()
+    shape = list(outputs[0].shape) if outputs else []
+    expected = (
+        f"(N, {contract.out_channels}, {', '.join('*' * contract.ndim)}) ({', '.join(contract.channels)})"
+    )
+    if len(shape) != contract.ndim + 2:
+        raise BackendError(f"{path}: the network's output has shape {shape}, its contract says {expected}")
+    channels = shape[1]
+    if not isinstance(channels, int):
+        probe = np.zeros((1, contract.in_channels, *[contract.tile_multiple * 2] * contract.ndim), np.float32)
+        if "float16" in session.get_inputs()[0].type:
+            probe = probe.astype(np.float16)
+        try:
+            channels = session.run(None, {session.get_inputs()[0].name: probe})[0].shape[1]
+        except Exception:
+            return  # the model cannot run a tiny input; run() checks every output shape anyway
+    if channels != contract.out_channels:
+        raise BackendError(
+            f"{path}: the network outputs {channels} channels, but its contract says {expected}; "
+            "the model file and its contract do not belong together (re-export the model)"
+        )
 
 
 def _export_facts(path: Path) -> dict[str, Any]:

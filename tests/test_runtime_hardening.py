@@ -1,0 +1,231 @@
+"""Issue 13's runtime cases: memory budget, progress inside a file, resume that knows the model, option
+checks, model/contract mismatch at load, multi-series files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from click.testing import CliRunner
+
+from embedseg_deploy import memory
+from embedseg_deploy.backends import BackendError, create_backend
+from embedseg_deploy.bigimage import plan_blocks
+from embedseg_deploy.cli import ConsoleReporter, main
+from embedseg_deploy.io import read_provenance
+from embedseg_deploy.predict import Predictor, plan_file, settings_differences
+
+from ._runtime_models import blobs, toy_contract, toy_model, toy_onnx
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def toy2d(tmp_path_factory) -> Path:
+    return toy_model(tmp_path_factory, 2)
+
+
+# --- memory budget ------------------------------------------------------------------------------------
+
+
+def test_budgets_are_read_as_people_write_them(monkeypatch):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * 2**30)
+    assert memory.parse_budget("6G").bytes == 6 * 2**30
+    assert memory.parse_budget("512M").bytes == 512 * 2**20
+    assert memory.parse_budget("2.5GiB").bytes == int(2.5 * 2**30)
+    assert memory.parse_budget("40%").bytes == 4 * 2**30
+    assert memory.parse_budget(None).bytes == 5 * 2**30 and "50%" in memory.parse_budget(None).source
+    for bad in ("lots", "0", "-1G", "150%", "6Q"):
+        with pytest.raises(ValueError, match="memory budget"):
+            memory.parse_budget(bad)
+
+
+def test_blocks_are_the_largest_that_fit_the_budget():
+    args = dict(
+        padded=(16384, 16384), halo=(64, 64), network=(2048, 2048), ndim=2, in_channels=1, in_itemsize=2
+    )
+    regions = []
+    for budget in (300, 600, 1200, 2400):
+        region = memory.block_region(budget * 2**20, **args)
+        regions.append(region)
+        assert memory.block_peak(region, (2048, 2048), 2, 1, 2) <= budget * 2**20
+        bigger = [r + 64 for r in region]
+        assert memory.block_peak(bigger, (2048, 2048), 2, 1, 2) > budget * 2**20 * 0.9
+        assert all(r % 8 == 0 for r in region) and region[0] == region[1]
+    assert [r[0] for r in regions] == sorted(r[0] for r in regions) and regions[0] < regions[-1]
+    # a budget below one minimal block still gets a block that can hold a core beside its halo
+    assert memory.block_region(1, **args) == [136, 136]
+    # 3D: a thin stack is not cut in z
+    region3 = memory.block_region(2**30, (64, 2048, 2048), (16, 64, 64), (64, 512, 512), 3, 1, 2)
+    assert region3[0] == 64 and region3[1] == region3[2] < 2048
+
+
+def test_the_budget_decides_the_mode_before_reading(toy2d, monkeypatch):
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 100 * 2**20)
+    p = Predictor(create_backend(toy2d, "onnx-cpu", threads=1), tile=(64, 64), halo=(8, 8))
+    header = ((1000, 1300), 2, 1)
+    whole = plan_file(p, header, None, None, 2**40)
+    assert whole.mode == "whole image" and whole.units == len(
+        __import__("embedseg_deploy.tiling").tiling.plan_tiles((1000, 1300), [64, 64], [8, 8])
+    )
+    assert 100 * 2**20 < whole.estimate < 100 * 2**20 + 1.3e6 * 200
+    blocks = plan_file(p, header, None, None, whole.estimate - 1)
+    assert blocks.mode == "blocks" and "more than the memory budget" in blocks.reason
+    padded = [1000, 1304]
+    assert blocks.units == len(plan_blocks((1000, 1300), blocks.block, [8, 8], 8, "center")) > 1
+    assert math.prod(blocks.block) < math.prod(padded)
+    forced = plan_file(p, header, [256, 256], None, 2**40)
+    assert forced.mode == "blocks" and forced.block == [256, 256] and forced.reason == "--block given"
+
+
+# --- progress -----------------------------------------------------------------------------------------
+
+
+def test_cli_says_what_it_will_do_then_how_far_it_got(toy2d, tmp_path, monkeypatch):
+    monkeypatch.setattr(ConsoleReporter, "EVERY_S", 0.0)  # a log line per step (not a terminal here)
+    image, _ = blobs((150, 170), 12, seed=3)
+    tifffile.imwrite(tmp_path / "big.tif", image)
+    args = ["predict", toy2d, tmp_path / "big.tif", "--tile", "64", "--halo", "8", "--threads", "1"]
+    result = invoke(*args, "-o", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    announce = out.index("[1/1] big.tif: 150x170 (0.0 Mpx), whole image, 12 tiles")
+    steps = [line for line in out.splitlines() if " tiles, " in line and "ETA" in line]
+    assert len(steps) == 12 and steps[-1].startswith("  12/12 tiles")
+    assert announce < out.index(steps[0]) < out.index("  done: ")
+    blocks = invoke(*args, "-o", tmp_path / "b", "--memory-budget", "1")
+    assert (
+        "blocks (whole image would need" in blocks.output and "more than the memory budget" in blocks.output
+    )
+    assert "/4 blocks" in blocks.output or "blocks, " in blocks.output
+    quiet = invoke(*args, "-o", tmp_path / "c", "-q")
+    assert quiet.exit_code == 0 and "tiles" not in quiet.output and "[1/1]" not in quiet.output
+
+
+# --- resume knows the model --------------------------------------------------------------------------
+
+
+def test_resume_skips_only_outputs_of_the_same_model_and_settings(toy2d, tmp_path, tmp_path_factory):
+    other = toy_onnx(tmp_path_factory.mktemp("other") / "other.onnx", 2, radius=7.0)
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        tifffile.imwrite(src / f"img{i}.tif", blobs((64, 72), 4, seed=i)[0])
+    out = tmp_path / "out"
+    first = invoke("predict", toy2d, src, "-o", out, "-q")
+    assert first.exit_code == 0
+    settings = read_provenance(out / "img0.tif")
+    assert settings["model_sha256"] and settings["seed_thresh"] == 0.9 and settings["tile"] == [64, 64]
+    assert json.loads((out / "summary.json").read_text())["label_settings"] == settings
+    before = (out / "img0.tif").read_bytes()
+
+    again = invoke("predict", toy2d, src, "-o", out, "-q")
+    assert again.exit_code == 0 and "0 segmented, 2 skipped" in again.output
+
+    by_other = invoke("predict", other, src, "-o", out, "-q")
+    assert by_other.exit_code == 1
+    assert "img0.tif exists but was made with other settings: another model (sha256" in by_other.output
+    assert "--overwrite" in by_other.output and (out / "img0.tif").read_bytes() == before
+
+    other_thresh = invoke("predict", toy2d, src, "-o", out, "-q", "--seed-thresh", "0.6")
+    assert other_thresh.exit_code == 1 and "seed_thresh 0.9 (this run 0.6)" in other_thresh.output
+
+    redo = invoke("predict", other, src, "-o", out, "-q", "--overwrite")
+    assert redo.exit_code == 0 and "2 segmented" in redo.output
+    assert read_provenance(out / "img0.tif")["model_sha256"] != settings["model_sha256"]
+    assert "0 segmented, 2 skipped" in invoke("predict", other, src, "-o", out, "-q").output
+
+
+def test_outputs_without_recorded_settings_are_not_taken_as_done(toy2d, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    image, truth = blobs((64, 72), 4, seed=5)
+    tifffile.imwrite(src / "a.tif", image)
+    (tmp_path / "out").mkdir()
+    tifffile.imwrite(tmp_path / "out" / "a.tif", truth.astype(np.uint16))  # some other tool's labels
+    result = invoke("predict", toy2d, src, "-o", tmp_path / "out", "-q")
+    assert result.exit_code == 1 and "records no settings" in result.output
+    assert settings_differences({"a": 1}, {"a": 1}) == []
+    assert settings_differences({"tile": [64, 64]}, {"tile": (64, 64)}) == []
+
+
+# --- options checked at once; model checked at load -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--seed-thresh", "2"], "'--seed-thresh': 2.0 is not in the range 0<=x<=1"),
+        (["--fg-thresh", "-1"], "'--fg-thresh': -1.0 is not in the range 0<=x<=1"),
+        (["--min-object-size", "-5"], "'--min-object-size': -5 is not in the range x>=0"),
+        (["--channel-axis", "5"], "--channel-axis 5: a 2D image with channels has 3 axes"),
+        (["--block", "0"], "block sizes must be at least 8 pixels"),
+        (["--memory-budget", "lots"], "memory budget 'lots'"),
+    ],
+)
+def test_bad_options_fail_at_once_naming_the_option(toy2d, tmp_path, option, message):
+    image, _ = blobs((40, 40), 2, seed=0)
+    tifffile.imwrite(tmp_path / "a.tif", image)
+    result = invoke("predict", toy2d, tmp_path / "a.tif", "-o", tmp_path / "out", *option)
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "out" / "a.tif").exists()
+
+
+def test_python_api_checks_thresholds_too(toy2d):
+    backend = create_backend(toy2d, "onnx-cpu", threads=1)
+    for bad in ({"seed_thresh": 2}, {"fg_thresh": -1}, {"min_object_size": -5}, {"min_mask_sum": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Predictor(backend, thresholds=bad)
+
+
+def test_a_model_with_the_wrong_number_of_output_channels_fails_at_load(tmp_path):
+    # a 3D contract on a 2D graph: 7 channels promised, 5 delivered
+    wrong = toy_onnx(tmp_path / "wrong.onnx", 2, contract=toy_contract(2).__class__(**{
+        **vars(toy_contract(2)), "ndim": 3, "spacing": [1e-3] * 3, "tile": {}, "padding": "end",
+    }))  # fmt: skip
+    with pytest.raises(BackendError, match=r"wrong\.onnx: the network's output has shape"):
+        create_backend(wrong, "onnx-cpu")
+    result = invoke("predict", wrong, tmp_path / "none.tif", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "wrong.onnx" in result.output
+
+
+def test_the_channel_count_mismatch_is_named(tmp_path):
+    import onnx
+    from onnx import helper
+
+    good = toy_onnx(tmp_path / "good.onnx", 2)
+    model = onnx.load(str(good))
+    weight = next(i for i in model.graph.initializer if i.name == "W")
+    bias = next(i for i in model.graph.initializer if i.name == "B")
+    w = onnx.numpy_helper.to_array(weight)[:4]
+    b = onnx.numpy_helper.to_array(bias)[:4]
+    weight.CopyFrom(onnx.numpy_helper.from_array(w, "W"))
+    bias.CopyFrom(onnx.numpy_helper.from_array(b, "B"))
+    out = model.graph.output[0]
+    out.CopyFrom(helper.make_tensor_value_info("raw", onnx.TensorProto.FLOAT, ["N", "c", "s0", "s1"]))
+    onnx.save(model, str(tmp_path / "four.onnx"))
+    with pytest.raises(
+        BackendError, match=r"four\.onnx: the network outputs 4 channels, but its contract says"
+    ):
+        create_backend(tmp_path / "four.onnx", "onnx-cpu")
+
+
+# --- files with several images ------------------------------------------------------------------------
+
+
+def test_a_file_with_several_images_warns_that_only_the_first_is_used(toy2d, tmp_path):
+    image, truth = blobs((48, 56), 3, seed=2)
+    path = tmp_path / "two.tif"
+    tifffile.imwrite(path, image)
+    tifffile.imwrite(path, np.zeros((20, 20), np.uint16), append=True)
+    result = invoke("predict", toy2d, path, "-o", tmp_path / "out")
+    assert result.exit_code == 0
+    assert "WARNING" in result.output and "only the first" in result.output
+    record = json.loads((tmp_path / "out" / "summary.json").read_text())["files"][0]
+    assert any("only the first" in w for w in record["warnings"]) and record["objects"] == truth.max()
