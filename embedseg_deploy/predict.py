@@ -791,6 +791,8 @@ def plan_file(
     region = memory.block_region(budget - memory.rss_bytes(), padded, halo, predictor.tile, *args[:3], m,
                                  predictor.tta, predictor.batch_size)  # fmt: skip
     core = [p if r >= p else max(m, r - 2 * h) for p, r, h in zip(padded, region, halo, strict=True)]
+    # as many blocks as the largest core needs, each shrunk to share the image evenly (less halo work)
+    core = [round_up([-(-p // -(-p // k))], m)[0] for p, k in zip(padded, core, strict=True)]
     reason = (
         f"whole image would need ~{memory.format_bytes(whole)}, more than the memory budget of "
         f"{memory.format_bytes(budget)}"
