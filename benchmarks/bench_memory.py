@@ -4,7 +4,7 @@ Part 1, ``stages``: a fresh process per case predicts one image whole (or tiled)
 reads its peak resident set size after every stage (``VmHWM``, reset between stages through
 ``/proc/self/clear_refs``): normalise, network, cluster, relabel. Dividing each stage's rise by the
 pixels gives the bytes per pixel that ``embedseg_deploy.memory`` budgets with. ORT's CPU memory arena is
-measured on and off.
+measured with and without shrinking it after each run.
 
 Part 2, ``flat``: ``embedseg-run predict --memory-budget B`` on images from 2048^2 to 16384^2 (2D) and
 64x512^2 to 256x1024^2 (3D), each in a fresh process; its ``ru_maxrss`` is the peak RSS. With
@@ -55,7 +55,7 @@ STAGES_CHILD = textwrap.dedent(
     from embedseg_deploy.io import read_tiff
     from embedseg_deploy.predict import Predictor
 
-    backend = create_backend(model, "onnx-cpu", threads=2, memory_arena=arena)
+    backend = create_backend(model, "onnx-cpu", threads=2, shrink_arena=arena)
     p = Predictor(backend, tile=None if tile == "default" else int(tile))
     warm_up()
     image = read_tiff(src).data
@@ -163,7 +163,12 @@ def stages(args: argparse.Namespace, models: dict[int, Path], tmp: Path) -> dict
             ]
             r = run_json(cmd)
             px = r["pixels"]
-            row = {"shape": list(shape), "tile": r["tile"], "arena": arena, "base_mib": r["base"] / MIB}
+            row = {
+                "shape": list(shape),
+                "tile": r["tile"],
+                "arena_shrink": arena,
+                "base_mib": r["base"] / MIB,
+            }
             for name in ("normalize", "network", "cluster", "relabel"):
                 s = r[name]
                 row[name] = {
@@ -243,7 +248,7 @@ def stages_table(doc: dict) -> list[str]:
         "Bytes per pixel each stage adds to the resident set at its peak (and keeps after it), whole-image",
         "mode unless a tile is shown; ONNX Runtime CPU, 2 threads, upstream fixture ERFNets.",
         "",
-        "| image | tile | ORT arena | normalise | network | cluster | relabel | peak MiB | base MiB |",
+        "| image | tile | arena shrunk | normalise | network | cluster | relabel | peak MiB | base MiB |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in doc["results"]:
@@ -253,7 +258,7 @@ def stages_table(doc: dict) -> list[str]:
         ]
         image, tile = "x".join(map(str, r["shape"])), r["tile"] or "whole"
         lines.append(
-            f"| {image} | {tile} | {'on' if r['arena'] else 'off'} | "
+            f"| {image} | {tile} | {'yes' if r['arena_shrink'] else 'no'} | "
             + " | ".join(cells)
             + f" | {r['peak_mib']:.0f} | {r['base_mib']:.0f} |"
         )

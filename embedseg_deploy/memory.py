@@ -22,12 +22,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# Bytes per pixel beyond the input as read, from benchmarks/results/memory_stages.md (ORT CPU, arena off,
-# glibc heap limited as below). IMAGE: the float32 input (4 per channel), the raw output with its rounding
-# padding (4 (2 ndim + 1)), the int32 labels and the clustering's tables (~6). NETWORK: what ONNX Runtime
-# adds while it runs, per pixel of one network input (measured 56-60 in 2D, 36 in 3D, rounded up).
-IMAGE_BYTES = {2: 30, 3: 38}
-NETWORK_BYTES = {2: 60, 3: 40}
+# Bytes per pixel beyond the input as read, from benchmarks/results/memory_stages.md (ORT CPU, its arena
+# shrunk after each run, glibc heap limited as below). IMAGE: the float32 input (4 per channel) and the raw
+# output with its rounding padding (4 (2 ndim + 1)), +2 for the clustering's tables that outlive it.
+# NETWORK: what ONNX Runtime adds while it runs, per pixel of one network input (measured 76-94 in 2D from
+# 512^2 to 2560^2, 58-64 in 3D from 32x256^2 to 64x512^2). A tiled image also holds, per tile pixel, the
+# batch and two tile outputs (the previous one is freed after the next run): TILE_IO.
+IMAGE_BYTES = {2: 26, 3: 34}
+NETWORK_BYTES = {2: 95, 3: 65}
+TILE_IO_BYTES = {2: 4 + 2 * 20, 3: 4 + 2 * 28}
 # Block mode adds per region pixel: the cropped labels, the output block read back and renumbered, and
 # the memory-mapped output pages it touches (uint32).
 BLOCK_EXTRA_BYTES = 16
@@ -36,6 +39,7 @@ TTA_EXTRA_BYTES = {2: 4 + 2 * 20, 3: 4 + 2 * 28}
 MARGIN = 1.1
 DEFAULT_FRACTION = 0.5
 REGION_ASPECT = {2: (1, 1), 3: (1, 6, 6)}  # block regions: square in 2D, z : y : x = 1 : 6 : 6 in 3D
+KEEP_WHOLE = {2: (0, 0), 3: (64, 0, 0)}  # an axis up to this size is never cut (a 64-slice stack in z)
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -153,8 +157,9 @@ def whole_image_peak(
     input is ``network`` (None: the whole padded image in one pass)."""
     px = math.prod(padded)
     net_px = px if network is None else min(px, math.prod(network) * batch)
+    per_net_px = NETWORK_BYTES[ndim] + (TILE_IO_BYTES[ndim] if net_px < px else 0)
     per_px = image_bytes_per_pixel(ndim, in_channels, in_itemsize, tta)
-    return int(MARGIN * (px * per_px + net_px * NETWORK_BYTES[ndim]))
+    return int(MARGIN * (px * per_px + net_px * per_net_px))
 
 
 def block_peak(region: Sequence[int], network: Sequence[int] | None, ndim: int, in_channels: int,
@@ -180,12 +185,13 @@ def block_region(
     """The largest block region (core + halo, array order, multiples of ``multiple``) whose
     :func:`block_peak` fits ``budget`` bytes; never smaller than one core of ``multiple`` plus its halo.
 
-    Regions keep the aspect of :data:`REGION_ASPECT`; an axis that fits whole is not split."""
+    Regions keep the aspect of :data:`REGION_ASPECT`; an axis that fits them, or :data:`KEEP_WHOLE`, is not
+    split."""
 
     def region_of(scale: float) -> list[int]:
         out = []
-        for p, a in zip(padded, REGION_ASPECT[ndim], strict=True):
-            out.append(int(min(p, max(multiple, scale * a // multiple * multiple))))
+        for p, a, whole in zip(padded, REGION_ASPECT[ndim], KEEP_WHOLE[ndim], strict=True):
+            out.append(p if p <= whole else int(min(p, max(multiple, scale * a // multiple * multiple))))
         return out
 
     def fits(region: Sequence[int]) -> bool:

@@ -13,10 +13,11 @@ overrides it): on 2 cores (1024 x 1024 2D, fp32, 2 threads) spinning gained 2 % 
 (up to 2x, H8) when another process used the cores, and it would also take CPU from the clustering that
 follows each call. A microscope PC shares its cores with the acquisition software.
 
-The CPU memory arena is off by default (``memory_arena``): the arena keeps the largest run's activations
-after it (a 2048^2 2D ERFNet: 0.27 GB of RSS without it, 0.54 GB with it, at the same peak or lower) and grows
-by powers of two, so a batch of differently sized images would hold the largest forever
-(benchmarks/bench_memory.py measures it).
+The CPU memory arena is shrunk after every run (``shrink_arena``; ORT's run option
+``memory.enable_memory_arena_shrinkage``): the arena otherwise keeps the largest run's activations and grows
+in powers of two. A 2048^2 2D ERFNet: peak RSS 528 MiB instead of 792, 263 MiB kept after the run instead
+of 792, same speed. Switching the arena off instead made the first run of a session 2x slower (14.7 s vs
+7.7 s), which whole-image prediction pays on every image (benchmarks/results/memory_stages.md).
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ class OnnxRuntimeBackend(Backend):
         trt_profile: dict[str, tuple[int, ...]] | None = None,
         cuda_options: dict[str, Any] | None = None,
         session_config: dict[str, str] | None = None,
-        memory_arena: bool = False,
+        shrink_arena: bool = True,
     ):
         if backend not in PROVIDER_OF:
             raise BackendError(f"unknown onnxruntime backend {backend!r}; choose from {sorted(PROVIDER_OF)}")
@@ -115,7 +116,6 @@ class OnnxRuntimeBackend(Backend):
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.enable_cpu_mem_arena = bool(memory_arena)
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
@@ -182,11 +182,14 @@ class OnnxRuntimeBackend(Backend):
         self._input = session.get_inputs()[0].name
         self._output = session.get_outputs()[0].name
         self._fp16_io = "float16" in io_type
+        self._run_options = ort.RunOptions()
+        if shrink_arena and provider == CPU_EP:
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         feed = batch.astype(np.float16) if self._fp16_io else batch
         try:
-            (out,) = self.session.run([self._output], {self._input: feed})
+            (out,) = self.session.run([self._output], {self._input: feed}, self._run_options)
         except Exception as exc:
             raise BackendError(
                 f"{self.name}: inference failed on {batch.shape}: {_first_line(exc)}"
