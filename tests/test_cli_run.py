@@ -126,7 +126,8 @@ def test_info_shows_the_contract(toy2d):
     out = result.output
     assert "network     BranchedERFNet 2D, 1 input channel(s), outputs offset_x, offset_y, sigma_x" in out
     assert "embedding units per pixel (y, x): an embedding unit spans 1023 x 1023 pixels" in out
-    assert "pixel size  not recorded" in out and "None" not in out and "{" not in out and "Thresholds(" not in out
+    assert "pixel size  not recorded" in out
+    assert "None" not in out and "{" not in out and "Thresholds(" not in out
     doc = json.loads(invoke("info", toy2d, "--json").output)
     assert doc["contract"]["ndim"] == 2 and doc["backend"]["backend"] == "onnx-cpu"
 
