@@ -149,7 +149,9 @@ class Predictor:
     (:func:`embedseg_deploy.tiling.balanced_tile`; 1100 x 1100 px with 1024 px tiles: 3x faster).
     ``thresholds`` override the contract's clustering defaults (``seed_thresh``, ``fg_thresh``,
     ``min_object_size``, ``min_mask_sum``, ``min_unclustered_sum``). ``model`` is a path or an already
-    created backend.
+    created backend. Creating one pins glibc's mmap threshold for the process
+    (:func:`embedseg_deploy.memory.limit_heap_fragmentation`), so freed image-sized buffers go back to
+    the system.
     """
 
     def __init__(
