@@ -131,6 +131,13 @@ def machine_line(doc: dict[str, Any]) -> str:
     )
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident set (``VmHWM``). Not ``ru_maxrss``: Linux seeds a child's with its
+    parent's resident set at exec, so a child of a big parent reads big."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 

@@ -4,7 +4,7 @@ One fresh child process per dimensionality runs the sizes in ascending order thr
 (:func:`embedseg_deploy.predict.process_job`: read, normalise, tiles of the contract's default CPU size,
 ONNX Runtime CPU with ``allow_spinning=0`` (``--spinning``), stitch, cluster, write), after one untimed
 warm-up on the smallest image; sizes below 2 M pixels are repeated (medians). The child's
-``ru_maxrss`` after each size is that size's peak RSS (sizes ascend, so the running maximum is the
+``VmHWM`` after each size is that size's peak RSS (sizes ascend, so the running maximum is the
 current size's peak; it is an upper bound). Images: a 1024^2 synthetic image of the fixtures' kind tiled
 to each 2D size, ``bench_bigimage.make_volume`` (H7) for 3D. ``bench_bigimage.measure`` (a fresh process
 per point, H7's) adds block mode for the largest 3D volume (``--blocks all|none``).
@@ -54,7 +54,6 @@ RSS_TARGET_MIB = 2e9 / 2**20  # 2 GB (decimal) in MiB: 1907
 
 def child(model: Path, threads: int, repeats: int, spinning: str, images: list[Path]) -> None:
     """Child process: warm up on the first image, then time every image; one JSON line per image."""
-    import resource
     import time
 
     from embedseg_deploy.backends import create_backend
@@ -79,7 +78,7 @@ def child(model: Path, threads: int, repeats: int, spinning: str, images: list[P
     for src in images:
         n = repeats if np.prod(predictor_shape(src)) < REPEAT_BELOW else 1
         runs = [once(src) for _ in range(n)]
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _common.peak_rss_mib()
         print(json.dumps({"image": src.name, "runs": runs, "peak_rss_mib": peak}), flush=True)
 
 
@@ -325,7 +324,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         _common.machine_line(doc),
         "Mode whole: one child process per ndim runs the sizes in ascending order (after a warm-up on the "
-        "smallest) through read, predict, cluster, write; peak RSS = its ru_maxrss after that size (an upper "
+        "smallest) through read, predict, cluster, write; peak RSS = its VmHWM after that size (an upper "
         "bound). Mode blocks: benchmarks/bench_bigimage.py `measure`, a fresh process per point (time = "
         "process wall time incl. start-up). Compute = normalise + tiles + network + stitch + cluster; "
         f"medians of {doc['parameters']['repeats']} runs below {REPEAT_BELOW / 1e6:.0f} M pixels, "
