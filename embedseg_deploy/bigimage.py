@@ -14,8 +14,9 @@ The rule for objects at block borders (as StarDist's big-image prediction):
   seed crossed a core border through a tie or a last-bit difference between blocks) and is dropped.
 * The halo must exceed the largest object (its extent from the seed) plus the network's reach, or
   objects cut by the halo's edge lose pixels. The default halo is the tile halo; set it per data set
-  (``--block-halo``) to at least the largest object diameter. Regions all have one shape and, by default,
-  at most :data:`BLOCK_REGION` pixels (:func:`default_block`), so memory stays flat as the image grows.
+  (``--block-halo``) to at least the largest object diameter. Regions all have one shape; by default the
+  blocks are those that fit the memory budget with the least network work
+  (:func:`embedseg_deploy.memory.block_core`), so memory stays flat as the image grows.
 
 Memory is bounded by one block: the input is a memory map of the TIFF (uncompressed, contiguous data) or
 is read page by page (one page per z-slice), the output is a memory-mapped TIFF opened per block, and
@@ -38,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import tifffile
 
+from . import memory
 from .contract import Normalization
 from .io import (
     DiskFullError,
@@ -58,7 +60,6 @@ if TYPE_CHECKING:
 
 EXACT_FLOAT_VALUES = 2**25
 # Largest block region (core + halo) by default, array order: 9.4 Mvoxels in 3D, 4 Mpixels in 2D.
-BLOCK_REGION = {2: (2048, 2048), 3: (64, 384, 384)}
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -267,17 +268,6 @@ def plan_blocks(
     return [(tuple(c for c, _ in combo), tuple(r for _, r in combo)) for combo in itertools.product(*axes)]
 
 
-def default_block(padded: Sequence[int], halo: Sequence[int], ndim: int, multiple: int) -> list[int]:
-    """Block cores whose regions hold at most :data:`BLOCK_REGION` (~1.3 GB peak in 3D on ORT CPU).
-
-    An axis that fits the region whole (a 64-slice stack in z) is not split: its blocks need no halo there.
-    """
-    out = []
-    for p, r, h in zip(padded, BLOCK_REGION[ndim], halo, strict=True):
-        out.append(p if p <= r else max(multiple, r - 2 * h))
-    return out
-
-
 def _read_region(
     lazy: LazyImage, caxis: int | None, region: Sequence[slice], before: Sequence[int], spatial: Sequence[int]
 ) -> np.ndarray:
@@ -305,9 +295,12 @@ def predict_big(
     channel_axis: int | None = None,
     progress: Any = None,
     provenance: dict[str, Any] | None = None,
+    memory_budget: int | str | None = None,
 ) -> BigResult:
     """Segment ``input_path`` block by block into ``output_path`` (written atomically, with
-    ``provenance`` in its tags); ``progress(done, total)`` after each block."""
+    ``provenance`` in its tags); ``progress(done, total)`` after each block. Without ``block``, the
+    blocks fit ``memory_budget`` (as ``--memory-budget``: bytes, "6G", "40%"; default half the available
+    memory)."""
     c = predictor.contract
     m = c.tile_multiple
     lazy = LazyImage(input_path)
@@ -320,7 +313,12 @@ def predict_big(
         raise InputError(f"{lazy.path}: image has 1 channel(s), the model takes {c.in_channels}")
     halo_v = round_up(per_axis(block_halo, c.ndim, "block halo") or predictor.halo, m)
     padded = [n + b + a for n, (b, a) in zip(spatial, pad_widths(spatial, m, c.padding), strict=True)]
-    block_v = per_axis(block, c.ndim, "block") or default_block(padded, halo_v, c.ndim, m)
+    block_v = per_axis(block, c.ndim, "block")
+    if not block_v:
+        channels = 1 if caxis is None else lazy.shape[caxis]
+        room = memory.parse_budget(memory_budget).bytes - memory.rss_bytes()
+        block_v = memory.block_core(room, padded, halo_v, predictor.tile, c.ndim, channels,
+                                    lazy.dtype.itemsize, m, predictor.tta, predictor.batch_size)  # fmt: skip
     if any(b < 1 for b in block_v):
         raise InputError(f"{lazy.path}: block sizes must be at least {m} pixels, got {block_v}")
     block_v = round_up(block_v, m)

@@ -16,6 +16,7 @@ however large the image (``benchmarks/results/memory_flat.md``).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -38,8 +39,6 @@ BLOCK_EXTRA_BYTES = 16
 TTA_EXTRA_BYTES = {2: 4 + 2 * 20, 3: 4 + 2 * 28}
 MARGIN = 1.1
 DEFAULT_FRACTION = 0.5
-REGION_ASPECT = {2: (1, 1), 3: (1, 6, 6)}  # block regions: square in 2D, z : y : x = 1 : 6 : 6 in 3D
-KEEP_WHOLE = {2: (0, 0), 3: (64, 0, 0)}  # an axis up to this size is never cut (a 64-slice stack in z)
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 
@@ -170,7 +169,7 @@ def block_peak(region: Sequence[int], network: Sequence[int] | None, ndim: int, 
     )
 
 
-def block_region(
+def block_core(
     budget: int,
     padded: Sequence[int],
     halo: Sequence[int],
@@ -182,26 +181,28 @@ def block_region(
     tta: bool = False,
     batch: int = 1,
 ) -> list[int]:
-    """The largest block region (core + halo, array order, multiples of ``multiple``) whose
-    :func:`block_peak` fits ``budget`` bytes; never smaller than one core of ``multiple`` plus its halo.
+    """Block cores (array order, multiples of ``multiple``) that cost the least network work (the summed
+    pixels of all block regions, core + ``halo`` on each side) among those whose :func:`block_peak` fits
+    ``budget`` bytes; the fewest blocks among equals. Below one minimal block per axis, the minimal block.
 
-    Regions keep the aspect of :data:`REGION_ASPECT`; an axis that fits them, or :data:`KEEP_WHOLE`, is not
-    split."""
-
-    def region_of(scale: float) -> list[int]:
-        out = []
-        for p, a, whole in zip(padded, REGION_ASPECT[ndim], KEEP_WHOLE[ndim], strict=True):
-            out.append(p if p <= whole else int(min(p, max(multiple, scale * a // multiple * multiple))))
-        return out
-
-    def fits(region: Sequence[int]) -> bool:
-        return block_peak(region, network, ndim, in_channels, in_itemsize, tta, batch) <= budget
-
-    smallest = [min(p, 2 * h + multiple) for p, h in zip(padded, halo, strict=True)]
-    lo, hi = 1.0, float(max(padded))
-    if not fits(region_of(lo)):
-        return [max(a, b) for a, b in zip(region_of(lo), smallest, strict=True)]
-    while hi - lo > 1:
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if fits(region_of(mid)) else (lo, mid)
-    return [max(a, b) for a, b in zip(region_of(lo), smallest, strict=True)]
+    Cores share each axis evenly, and need not be square: 4096^2 under a budget that holds a 2072^2 region
+    gets 2 x 3 blocks, not 3 x 3 of a third of the size.
+    """
+    args = (network, ndim, in_channels, in_itemsize, tta, batch)
+    per_axis = []
+    for p, h in zip(padded, halo, strict=True):
+        options = {}
+        for k in range(1, math.ceil(p / multiple) + 1):
+            core = math.ceil(math.ceil(p / k) / multiple) * multiple
+            options.setdefault(core, (math.ceil(p / core), min(p, core + 2 * h)))
+        per_axis.append(sorted((c, n, r) for c, (n, r) in options.items()))
+    best = None
+    for combo in itertools.product(*per_axis):
+        region = [r for _, _, r in combo]
+        if block_peak(region, *args) > budget:
+            continue
+        count = math.prod(n for _, n, _ in combo)
+        key = (count * math.prod(region), count)
+        if best is None or key < best[0]:
+            best = (key, [c for c, _, _ in combo])
+    return best[1] if best else [min(multiple, p) for p in padded]

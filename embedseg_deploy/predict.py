@@ -773,7 +773,7 @@ def plan_file(
     budget: int | None,
 ) -> FilePlan:
     """Whole image or blocks for an image of this header, from the memory budget (see
-    :mod:`embedseg_deploy.memory`); block mode gets the largest blocks that fit."""
+    :mod:`embedseg_deploy.memory`); block mode gets the blocks that fit it with the least network work."""
     from . import memory
 
     c = predictor.contract
@@ -790,11 +790,8 @@ def plan_file(
     if budget is None or whole <= budget:
         units = len(plan_tiles(spatial, tile, predictor.halo if tile else 0, m, c.padding))
         return FilePlan(tuple(spatial), "whole image", units, whole)
-    region = memory.block_region(budget - memory.rss_bytes(), padded, halo, predictor.tile, *args[:3], m,
-                                 predictor.tta, predictor.batch_size)  # fmt: skip
-    core = [p if r >= p else max(m, r - 2 * h) for p, r, h in zip(padded, region, halo, strict=True)]
-    # as many blocks as the largest core needs, each shrunk to share the image evenly (less halo work)
-    core = [round_up([-(-p // -(-p // k))], m)[0] for p, k in zip(padded, core, strict=True)]
+    core = memory.block_core(budget - memory.rss_bytes(), padded, halo, predictor.tile, *args[:3], m,
+                             predictor.tta, predictor.batch_size)  # fmt: skip
     reason = (
         f"whole image would need ~{memory.format_bytes(whole)}, more than the memory budget of "
         f"{memory.format_bytes(budget)}"

@@ -11,7 +11,6 @@ import tifffile
 from embedseg_deploy.backends import create_backend
 from embedseg_deploy.bigimage import (
     LazyImage,
-    default_block,
     norm_stats,
     percentiles_from_histogram,
     plan_blocks,
@@ -158,9 +157,3 @@ def test_block_regions_share_one_shape_and_hold_their_core_with_context():
             # a full halo of context on each side, unless the region meets the image border there
             assert c.start - r.start >= h or r.start == 0
             assert r.stop - c.stop >= h or r.stop == p
-
-
-def test_default_block_keeps_a_thin_axis_whole():
-    assert default_block([64, 512, 512], [16, 64, 64], 3, 8) == [64, 256, 256]
-    assert default_block([200, 2048, 2048], [16, 64, 64], 3, 8) == [32, 256, 256]
-    assert default_block([1024, 1024], [64, 64], 2, 8) == [1024, 1024]

@@ -46,24 +46,36 @@ def test_budgets_are_read_as_people_write_them(monkeypatch):
             memory.parse_budget(bad)
 
 
-def test_blocks_are_the_largest_that_fit_the_budget():
-    args = dict(
-        padded=(16384, 16384), halo=(64, 64), network=(2048, 2048), ndim=2, in_channels=1, in_itemsize=2
-    )
-    regions = []
+def _grid_work(padded, core, halo):
+    counts = [-(-p // c) for p, c in zip(padded, core, strict=True)]
+    region = [min(p, c + 2 * h) for p, c, h in zip(padded, core, halo, strict=True)]
+    return math.prod(counts) * math.prod(region), region
+
+
+def test_blocks_fit_the_budget_with_the_least_network_work():
+    padded, halo, net = (16384, 16384), (64, 64), (2048, 2048)
+    works = []
     for budget in (300, 600, 1200, 2400):
-        region = memory.block_region(budget * 2**20, **args)
-        regions.append(region)
-        assert memory.block_peak(region, (2048, 2048), 2, 1, 2) <= budget * 2**20
-        bigger = [r + 64 for r in region]
-        assert memory.block_peak(bigger, (2048, 2048), 2, 1, 2) > budget * 2**20 * 0.9
-        assert all(r % 8 == 0 for r in region) and region[0] == region[1]
-    assert [r[0] for r in regions] == sorted(r[0] for r in regions) and regions[0] < regions[-1]
-    # a budget below one minimal block still gets a block that can hold a core beside its halo
-    assert memory.block_region(1, **args) == [136, 136]
-    # 3D: a thin stack is not cut in z
-    region3 = memory.block_region(2**30, (64, 2048, 2048), (16, 64, 64), (64, 512, 512), 3, 1, 2)
-    assert region3[0] == 64 and region3[1] == region3[2] < 2048
+        core = memory.block_core(budget * 2**20, padded, halo, net, 2, 1, 2)
+        work, region = _grid_work(padded, core, halo)
+        works.append(work)
+        assert memory.block_peak(region, net, 2, 1, 2) <= budget * 2**20
+        assert all(c % 8 == 0 for c in core)
+        # no square grid that fits does less work (the old rule: the largest square region)
+        for side in range(136, 16384, 8):
+            if memory.block_peak((side, side), net, 2, 1, 2) > budget * 2**20:
+                break
+            assert work <= _grid_work(padded, (side - 128, side - 128), halo)[0]
+    assert works == sorted(works, reverse=True) and works[0] > works[-1]
+    # a budget below one minimal block still gets the minimal block
+    assert memory.block_core(1, padded, halo, net, 2, 1, 2) == [8, 8]
+    # 4096^2 where a 2072^2 region fits: fewer blocks than 3 x 3 squares of 1368 (they waste the budget)
+    budget = memory.block_peak((2072, 2072), net, 2, 1, 2)
+    core = memory.block_core(budget, (4096, 4096), halo, net, 2, 1, 2)
+    assert _grid_work((4096, 4096), core, halo)[0] < _grid_work((4096, 4096), (1368, 1368), halo)[0]
+    # 3D: a thin stack is not cut in z (a block there would pay a halo for nothing)
+    core3 = memory.block_core(2**30, (64, 2048, 2048), (16, 64, 64), (64, 512, 512), 3, 1, 2)
+    assert core3[0] == 64 and math.prod(core3) < 64 * 2048 * 2048
 
 
 def test_the_budget_decides_the_mode_before_reading(toy2d, monkeypatch):
