@@ -318,7 +318,8 @@ def predict_big(
         channels = 1 if caxis is None else lazy.shape[caxis]
         room = memory.parse_budget(memory_budget).bytes - memory.rss_bytes()
         block_v = memory.block_core(room, padded, halo_v, predictor.tile, c.ndim, channels,
-                                    lazy.dtype.itemsize, m, predictor.tta, predictor.batch_size)  # fmt: skip
+                                    lazy.dtype.itemsize, m, predictor.tta, predictor.batch_size,
+                                    predictor.halo)  # fmt: skip
     if any(b < 1 for b in block_v):
         raise InputError(f"{lazy.path}: block sizes must be at least {m} pixels, got {block_v}")
     block_v = round_up(block_v, m)

@@ -180,29 +180,43 @@ def block_core(
     multiple: int = 8,
     tta: bool = False,
     batch: int = 1,
+    network_halo: Sequence[int] | None = None,
 ) -> list[int]:
-    """Block cores (array order, multiples of ``multiple``) that cost the least network work (the summed
-    pixels of all block regions, core + ``halo`` on each side) among those whose :func:`block_peak` fits
-    ``budget`` bytes; the fewest blocks among equals. Below one minimal block per axis, the minimal block.
+    """Block cores (array order, multiples of ``multiple``) that cost the least network work among those
+    whose :func:`block_peak` fits ``budget`` bytes; the fewest blocks among equals. Below one minimal block
+    per axis, the minimal block.
 
-    Cores share each axis evenly, and need not be square: 4096^2 under a budget that holds a 2072^2 region
-    gets 2 x 3 blocks, not 3 x 3 of a third of the size.
+    The work is what the network computes: every block's region (core + ``halo`` on each side, clipped to
+    the image) cut into tiles of at most ``network`` with ``network_halo`` of overlap, as
+    :func:`embedseg_deploy.tiling.balanced_tile` cuts them. Cores share each axis evenly and need not be
+    square (a thin axis is cut only where that saves work).
     """
-    args = (network, ndim, in_channels, in_itemsize, tta, batch)
+    from .tiling import balanced_tile
+
+    args = (ndim, in_channels, in_itemsize, tta, batch)
     per_axis = []
-    for p, h in zip(padded, halo, strict=True):
-        options = {}
+    for i, (p, h) in enumerate(zip(padded, halo, strict=True)):
+        options: dict[int, tuple[int, int, int, int]] = {}
         for k in range(1, math.ceil(p / multiple) + 1):
             core = math.ceil(math.ceil(p / k) / multiple) * multiple
-            options.setdefault(core, (math.ceil(p / core), min(p, core + 2 * h)))
-        per_axis.append(sorted((c, n, r) for c, (n, r) in options.items()))
+            if core in options:
+                continue
+            region = min(p, core + 2 * h)
+            tile, tiles = region, 1
+            if network is not None:
+                t, th = network[i], (network_halo[i] if network_halo else 0)
+                tile = balanced_tile([region], [t], [th], multiple, "end")[0]
+                tiles = 1 if region <= t else 1 + math.ceil((region - t) / (t - 2 * th))
+            options[core] = (math.ceil(p / core), region, tile, tiles)
+        per_axis.append(sorted(options.items()))
     best = None
     for combo in itertools.product(*per_axis):
-        region = [r for _, _, r in combo]
-        if block_peak(region, *args) > budget:
+        region = [o[1] for _, o in combo]
+        tile = [o[2] for _, o in combo]
+        if block_peak(region, None if network is None else tile, *args) > budget:
             continue
-        count = math.prod(n for _, n, _ in combo)
-        key = (count * math.prod(region), count)
+        count = math.prod(o[0] for _, o in combo)
+        key = (math.prod(o[0] * o[3] * o[2] for _, o in combo), count)
         if best is None or key < best[0]:
-            best = (key, [c for c, _, _ in combo])
+            best = (key, [core for core, _ in combo])
     return best[1] if best else [min(multiple, p) for p in padded]

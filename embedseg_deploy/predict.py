@@ -791,7 +791,7 @@ def plan_file(
         units = len(plan_tiles(spatial, tile, predictor.halo if tile else 0, m, c.padding))
         return FilePlan(tuple(spatial), "whole image", units, whole)
     core = memory.block_core(budget - memory.rss_bytes(), padded, halo, predictor.tile, *args[:3], m,
-                             predictor.tta, predictor.batch_size)  # fmt: skip
+                             predictor.tta, predictor.batch_size, predictor.halo)  # fmt: skip
     reason = (
         f"whole image would need ~{memory.format_bytes(whole)}, more than the memory budget of "
         f"{memory.format_bytes(budget)}"

@@ -18,6 +18,7 @@ from embedseg_deploy.bigimage import plan_blocks
 from embedseg_deploy.cli import ConsoleReporter, main
 from embedseg_deploy.io import read_provenance
 from embedseg_deploy.predict import Predictor, plan_file, settings_differences
+from embedseg_deploy.tiling import balanced_tile, plan_tiles
 
 from ._runtime_models import blobs, toy_contract, toy_model, toy_onnx
 
@@ -46,33 +47,33 @@ def test_budgets_are_read_as_people_write_them(monkeypatch):
             memory.parse_budget(bad)
 
 
-def _grid_work(padded, core, halo):
+def _grid(padded, core, halo, net, net_halo):
+    """(network pixels of the whole grid, region, network tile) as the block and tile planners cut it."""
     counts = [-(-p // c) for p, c in zip(padded, core, strict=True)]
     region = [min(p, c + 2 * h) for p, c, h in zip(padded, core, halo, strict=True)]
-    return math.prod(counts) * math.prod(region), region
+    tile = balanced_tile(region, net, net_halo)
+    tiles = len(plan_tiles(region, tile, net_halo))
+    return math.prod(counts) * tiles * math.prod(tile), region, tile
 
 
 def test_blocks_fit_the_budget_with_the_least_network_work():
     padded, halo, net = (16384, 16384), (64, 64), (2048, 2048)
     works = []
     for budget in (300, 600, 1200, 2400):
-        core = memory.block_core(budget * 2**20, padded, halo, net, 2, 1, 2)
-        work, region = _grid_work(padded, core, halo)
+        core = memory.block_core(budget * 2**20, padded, halo, net, 2, 1, 2, network_halo=halo)
+        work, region, tile = _grid(padded, core, halo, net, halo)
         works.append(work)
-        assert memory.block_peak(region, net, 2, 1, 2) <= budget * 2**20
+        assert memory.block_peak(region, tile, 2, 1, 2) <= budget * 2**20
         assert all(c % 8 == 0 for c in core)
         # no square grid that fits does less work (the old rule: the largest square region)
         for side in range(136, 16384, 8):
-            if memory.block_peak((side, side), net, 2, 1, 2) > budget * 2**20:
+            square = _grid(padded, (side - 128, side - 128), halo, net, halo)
+            if memory.block_peak(square[1], square[2], 2, 1, 2) > budget * 2**20:
                 break
-            assert work <= _grid_work(padded, (side - 128, side - 128), halo)[0]
+            assert work <= square[0]
     assert works == sorted(works, reverse=True) and works[0] > works[-1]
     # a budget below one minimal block still gets the minimal block
     assert memory.block_core(1, padded, halo, net, 2, 1, 2) == [8, 8]
-    # 4096^2 where a 2072^2 region fits: fewer blocks than 3 x 3 squares of 1368 (they waste the budget)
-    budget = memory.block_peak((2072, 2072), net, 2, 1, 2)
-    core = memory.block_core(budget, (4096, 4096), halo, net, 2, 1, 2)
-    assert _grid_work((4096, 4096), core, halo)[0] < _grid_work((4096, 4096), (1368, 1368), halo)[0]
     # 3D: a thin stack is not cut in z (a block there would pay a halo for nothing)
     core3 = memory.block_core(2**30, (64, 2048, 2048), (16, 64, 64), (64, 512, 512), 3, 1, 2)
     assert core3[0] == 64 and math.prod(core3) < 64 * 2048 * 2048
@@ -83,9 +84,7 @@ def test_the_budget_decides_the_mode_before_reading(toy2d, monkeypatch):
     p = Predictor(create_backend(toy2d, "onnx-cpu", threads=1), tile=(64, 64), halo=(8, 8))
     header = ((1000, 1300), 2, 1)
     whole = plan_file(p, header, None, None, 2**40)
-    assert whole.mode == "whole image" and whole.units == len(
-        __import__("embedseg_deploy.tiling").tiling.plan_tiles((1000, 1300), [64, 64], [8, 8])
-    )
+    assert whole.mode == "whole image" and whole.units == len(plan_tiles((1000, 1300), [64, 64], [8, 8]))
     assert 100 * 2**20 < whole.estimate < 100 * 2**20 + 1.3e6 * 200
     blocks = plan_file(p, header, None, None, whole.estimate - 1)
     assert blocks.mode == "blocks" and "more than the memory budget" in blocks.reason
