@@ -46,13 +46,13 @@ from .io import (
     InputError,
     channel_axis_of,
     is_disk_full,
-    series_note,
     temp_file_beside,
-    tiff_pixel_size,
     tiff_write_args,
 )
+from .ngff import write_labels
 from .normalize import percentiles_from_histogram, scale
 from .predict import check_pixel_size, label_dtype, output_pixel_size, per_axis, round_up
+from .sources import ImageSource, open_source
 from .tiling import pad_widths, reflect_indices
 
 if TYPE_CHECKING:
@@ -74,104 +74,7 @@ class BigResult:
     pixel_size: tuple[float, ...] | None = None
 
 
-def _check_complete(path: Path, tif: tifffile.TiffFile, series: Any, dtype: np.dtype) -> None:
-    """Every byte the header declares must be in the file (a memory map would fail or read past the end)."""
-    size = path.stat().st_size
-    offset = series.dataoffset
-    if offset is not None:
-        end = offset + math.prod(series.shape) * dtype.itemsize
-        if end > size:
-            raise InputError(
-                f"{path}: truncated or corrupt TIFF (declared image {tuple(series.shape)} {dtype} ends at "
-                f"byte {end}, the file has {size} bytes)"
-            )
-        return
-    for page in series.pages:
-        for off, count in zip(page.dataoffsets, page.databytecounts, strict=False):
-            if count and off + count > size:
-                raise InputError(
-                    f"{path}: truncated or corrupt TIFF (pixel data end at byte {off + count}, "
-                    f"the file has {size} bytes)"
-                )
-
-
-class LazyImage:
-    """A TIFF's first series read region by region without loading the whole image.
-
-    Memory-mapped when the file's data are uncompressed and contiguous; else page by page when every
-    page holds one plane of the leading axes (a z-stack of compressed slices). Anything else (for example
-    one huge compressed page) cannot be read lazily and raises, saying how to fix the file.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(
-                f"{self.path}: file not found" if not self.path.exists() else f"{self.path}: not a file"
-            )
-        try:
-            with tifffile.TiffFile(self.path) as tif:
-                if not tif.series:
-                    raise InputError(f"{self.path}: TIFF holds no image data")
-                series = tif.series[0]
-                self.shape = tuple(int(s) for s in series.shape)
-                self.dtype = np.dtype(series.dtype)
-                self.axes = series.axes
-                self.pixel_size = tiff_pixel_size(tif, series.axes)
-                self.note = series_note(tif, self.path)
-                self.n_pages = len(series.pages)
-                offset = series.dataoffset
-                _check_complete(self.path, tif, series, self.dtype)
-        except InputError:
-            raise
-        except Exception as exc:
-            raise InputError(
-                f"{self.path}: unreadable or corrupt TIFF ({type(exc).__name__}: {exc})"
-            ) from None
-        if self.dtype.kind not in "biuf" or 0 in self.shape:
-            raise InputError(f"{self.path}: unsupported image {self.shape} {self.dtype}")
-        self.mappable = offset is not None
-        self.lead = 0
-        if not self.mappable:
-            n = 1
-            for k, s in enumerate(self.shape):
-                if n == self.n_pages:
-                    self.lead = k
-                    break
-                n *= s
-            if self.n_pages < 2 or self.lead == 0:
-                raise InputError(
-                    f"{self.path}: pixel data are compressed or not contiguous in one page, so the image "
-                    "cannot be read block by block; save it as an uncompressed TIFF (or one page per "
-                    "z-slice), or run without --block"
-                )
-
-    def read(self, index: Sequence[slice]) -> np.ndarray:
-        """The region ``index`` (one slice per axis, steps of 1) as an in-memory array."""
-        if self.mappable:
-            mm = tifffile.memmap(self.path, mode="r")
-            try:
-                return np.array(mm[tuple(index)])
-            finally:
-                del mm
-        lead_ranges = [
-            range(*sl.indices(n)) for sl, n in zip(index[: self.lead], self.shape[: self.lead], strict=True)
-        ]
-        rest = tuple(index[self.lead :])
-        out_shape = [len(r) for r in lead_ranges] + [
-            len(range(*sl.indices(n))) for sl, n in zip(rest, self.shape[self.lead :], strict=True)
-        ]
-        out = np.empty(out_shape, self.dtype)
-        with tifffile.TiffFile(self.path) as tif:
-            pages = tif.series[0].pages
-            for pos, lead_idx in enumerate(np.ndindex(*[len(r) for r in lead_ranges])):
-                src = tuple(r[i] for r, i in zip(lead_ranges, lead_idx, strict=True))
-                page = pages[int(np.ravel_multi_index(src, self.shape[: self.lead]))]
-                out[np.unravel_index(pos, out.shape[: self.lead])] = page.asarray()[rest]
-        return out
-
-
-def _chunks(lazy: LazyImage) -> list[tuple[slice, ...]]:
+def _chunks(lazy: ImageSource) -> list[tuple[slice, ...]]:
     """Slabs along axis 0 of about CHUNK_BYTES each."""
     plane = math.prod(lazy.shape[1:]) * lazy.dtype.itemsize
     step = max(1, CHUNK_BYTES // max(plane, 1))
@@ -182,7 +85,7 @@ def _chunks(lazy: LazyImage) -> list[tuple[slice, ...]]:
 
 
 def norm_stats(
-    lazy: LazyImage, caxis: int | None, norm: Normalization
+    lazy: ImageSource, caxis: int | None, norm: Normalization
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Global (lo, scale-base) statistics per channel, shaped (C,): percentiles or mean/std; None if none."""
     if norm.kind in ("none", "absolute"):
@@ -269,7 +172,11 @@ def plan_blocks(
 
 
 def _read_region(
-    lazy: LazyImage, caxis: int | None, region: Sequence[slice], before: Sequence[int], spatial: Sequence[int]
+    lazy: ImageSource,
+    caxis: int | None,
+    region: Sequence[slice],
+    before: Sequence[int],
+    spatial: Sequence[int],
 ) -> np.ndarray:
     """Channels-first input of ``region`` (padded coordinates), reflect-padded outside the image."""
     index = [
@@ -296,17 +203,21 @@ def predict_big(
     progress: Any = None,
     provenance: dict[str, Any] | None = None,
     memory_budget: int | str | None = None,
+    level: int = 0,
 ) -> BigResult:
     """Segment ``input_path`` block by block into ``output_path`` (written atomically, with
     ``provenance`` in its tags); ``progress(done, total)`` after each block. Without ``block``, the
     blocks fit ``memory_budget`` (as ``--memory-budget``: bytes, "6G", "40%"; default half the available
-    memory)."""
+    memory). An OME-Zarr input is read at pyramid ``level``; an output path ending in ``.zarr`` gets an
+    OME-Zarr label image instead of a TIFF."""
     c = predictor.contract
     m = c.tile_multiple
-    lazy = LazyImage(input_path)
+    lazy = open_source(input_path, level)
     output_path = Path(output_path)
-    if output_path.resolve() == lazy.path.resolve():
-        raise InputError(f"{lazy.path}: the output would overwrite the input; choose another output path")
+    target, source = output_path.resolve(), lazy.path.resolve()
+    if target == source or source in target.parents:
+        where = "overwrite" if target == source else "be written inside"
+        raise InputError(f"{lazy.path}: the output would {where} the input; choose another output path")
     caxis = channel_axis_of(lazy.shape, c.ndim, c.in_channels, channel_axis, lazy.path, lazy.axes)
     spatial = tuple(s for i, s in enumerate(lazy.shape) if i != caxis)
     if caxis is None and c.in_channels != 1:
@@ -362,7 +273,10 @@ def predict_big(
             if progress is not None:
                 progress(done, len(plan))
         dtype = label_dtype(next_id)
-        if dtype != np.uint32:
+        if is_zarr_output(output_path):
+            _to_zarr(tmp32, output_path, spatial, dtype, px, provenance, lazy.path)
+            os.unlink(tmp32)
+        elif dtype != np.uint32:
             tmp16 = temp_file_beside(output_path, "u16.tmp")
             try:
                 _convert(tmp32, tmp16, spatial, dtype, px, provenance)
@@ -372,7 +286,8 @@ def predict_big(
                 raise
             os.unlink(tmp32)
             tmp32 = tmp16
-        os.replace(tmp32, output_path)
+        if not is_zarr_output(output_path):
+            os.replace(tmp32, output_path)
         _tick(timings, "write", t0)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -459,6 +374,33 @@ def _write_block(path: Path, new: np.ndarray, inside: Sequence[slice], next_id: 
     finally:
         del mm
     return int(survive.sum())
+
+
+def is_zarr_output(path: str | os.PathLike) -> bool:
+    """Labels go to an OME-Zarr store when the output path ends in ``.zarr``."""
+    return Path(path).suffix.lower() == ".zarr"
+
+
+def _to_zarr(
+    src: Path,
+    dst: Path,
+    shape: Sequence[int],
+    dtype: Any,
+    pixel_size: Sequence[float] | None,
+    provenance: dict[str, Any] | None,
+    image: Path,
+) -> None:
+    """The uint32 label memmap ``src`` as an OME-Zarr label image at ``dst`` (replacing an old one)."""
+
+    def slab(start: int, stop: int) -> np.ndarray:
+        mm = tifffile.memmap(src, mode="r")
+        try:
+            return np.asarray(mm[start:stop], dtype)
+        finally:
+            del mm
+
+    source = os.path.relpath(image.resolve(), dst.resolve().parent)
+    write_labels(dst, slab, shape, dtype, pixel_size, provenance, source, overwrite=True)
 
 
 def _convert(

@@ -10,7 +10,6 @@ import tifffile
 
 from embedseg_deploy.backends import create_backend
 from embedseg_deploy.bigimage import (
-    LazyImage,
     norm_stats,
     percentiles_from_histogram,
     plan_blocks,
@@ -19,6 +18,7 @@ from embedseg_deploy.bigimage import (
 from embedseg_deploy.contract import Normalization
 from embedseg_deploy.io import InputError, channel_axis_of, read_tiff, write_tiff_atomic
 from embedseg_deploy.predict import Predictor
+from embedseg_deploy.sources import open_source
 
 from ._runtime_models import blobs, same_partition, toy_model
 
@@ -97,7 +97,7 @@ def test_float_images_and_channel_axes(tmp_path, tmp_path_factory):
     result = predict_big(predictor, src, tmp_path / "out.tif", block=32, block_halo=16)
     assert same_partition(tifffile.imread(tmp_path / "out.tif"), predictor.predict(two))
     assert result.n_objects == truth.max()
-    lazy = LazyImage(src)
+    lazy = open_source(src)
     assert channel_axis_of(lazy.shape, 2, 2, axes=lazy.axes) == 2
     lo, hi = norm_stats(lazy, 2, Normalization())
     np.testing.assert_allclose(lo, np.percentile(two[..., 0], 1.0))
