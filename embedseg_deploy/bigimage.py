@@ -59,7 +59,6 @@ if TYPE_CHECKING:
     from .predict import Predictor
 
 EXACT_FLOAT_VALUES = 2**25
-# Largest block region (core + halo) by default, array order: 9.4 Mvoxels in 3D, 4 Mpixels in 2D.
 CHUNK_BYTES = 64 * 2**20
 
 
@@ -276,17 +275,17 @@ def predict_big(
         if is_zarr_output(output_path):
             _to_zarr(tmp32, output_path, spatial, dtype, px, provenance, lazy.path)
             os.unlink(tmp32)
-        elif dtype != np.uint32:
-            tmp16 = temp_file_beside(output_path, "u16.tmp")
-            try:
-                _convert(tmp32, tmp16, spatial, dtype, px, provenance)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp16)
-                raise
-            os.unlink(tmp32)
-            tmp32 = tmp16
-        if not is_zarr_output(output_path):
+        else:
+            if dtype != np.uint32:
+                tmp16 = temp_file_beside(output_path, "u16.tmp")
+                try:
+                    _convert(tmp32, tmp16, spatial, dtype, px, provenance)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp16)
+                    raise
+                os.unlink(tmp32)
+                tmp32 = tmp16
             os.replace(tmp32, output_path)
         _tick(timings, "write", t0)
     except BaseException as exc:

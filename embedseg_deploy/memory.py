@@ -191,7 +191,7 @@ def block_core(
     :func:`embedseg_deploy.tiling.balanced_tile` cuts them. Cores share each axis evenly and need not be
     square (a thin axis is cut only where that saves work).
     """
-    from .tiling import balanced_tile
+    from .tiling import balanced_tile, tile_count
 
     args = (ndim, in_channels, in_itemsize, tta, batch)
     per_axis = []
@@ -206,7 +206,7 @@ def block_core(
             if network is not None:
                 t, th = network[i], (network_halo[i] if network_halo else 0)
                 tile = balanced_tile([region], [t], [th], multiple, "end")[0]
-                tiles = 1 if region <= t else 1 + math.ceil((region - t) / (t - 2 * th))
+                tiles = tile_count(region, t, th)
             options[core] = (math.ceil(p / core), region, tile, tiles)
         per_axis.append(sorted(options.items()))
     best = None

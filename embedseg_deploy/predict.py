@@ -811,8 +811,14 @@ def _count_blocks(padded: Sequence[int], core: Sequence[int]) -> int:
 
 
 def remove_stale_temps(output: Path) -> None:
-    """Delete temp files an interrupted run left for ``output`` (``.<name>.*.tmp`` beside it)."""
+    """Delete temp files an interrupted run left for ``output`` (``.<name>.*.tmp`` beside it; folders for
+    OME-Zarr outputs)."""
+    import shutil
+
     for tmp in output.parent.glob(f".{glob_escape(output.name)}.*.tmp"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            continue
         with contextlib.suppress(OSError):
             tmp.unlink()
 

@@ -236,8 +236,9 @@ class ZarrSource:
         self.chunks = tuple(int(c) for c, i in zip(self._array.chunks, self._index, strict=True) if i is None)
         spatial = [k for k, name in enumerate(names) if name in "zyx"]
         self.pixel_size = _pixel_size([scale[k] for k in spatial], [units[k] for k in spatial])
+        entries = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales") or []
         self.note = None
-        if len(multiscale.get("datasets", [])) and len(attrs.get("multiscales", [])) > 1:
+        if len(entries) > 1:
             self.note = f"{self.path}: the group holds several multiscale images; the first is used"
 
     def read(self, index: Sequence[slice]) -> np.ndarray:

@@ -166,6 +166,11 @@ def plan_tiles(
     return plan
 
 
+def tile_count(length: int, tile: int, halo: int) -> int:
+    """Tiles of ``tile`` px overlapping by ``2 * halo`` that cover ``length`` px (one axis)."""
+    return 1 if length <= tile else 1 + -(-(length - tile) // (tile - 2 * halo))
+
+
 def balanced_tile(
     shape: Sequence[int],
     tile: Sequence[int],
@@ -183,7 +188,7 @@ def balanced_tile(
         padded = n + b + a
         if padded > t and t <= 2 * h:
             raise ValueError(f"tile {list(tile)} must be larger than twice the halo {list(halo)}")
-        count = 1 if padded <= t else 1 + -(-(padded - t) // (t - 2 * h))
+        count = tile_count(padded, t, h)
         # count tiles of size s cover the padded axis when count * s - 2 * h * (count - 1) >= padded
         size = -(-(padded + 2 * h * (count - 1)) // count)
         out.append(min(t, -(-size // multiple) * multiple))

@@ -182,3 +182,16 @@ def test_an_interrupted_zarr_write_leaves_the_old_labels_whole(predictors, tmp_p
     monkeypatch.undo()
     assert np.array_equal(_labels(out), old) and read_labels_info(out)[1] == {"run": 1}
     assert not [f.name for f in tmp_path.iterdir() if f.name.startswith(".")]
+
+
+def test_a_killed_zarr_write_leaves_a_temp_folder_that_the_next_run_removes(tmp_path):
+    from embedseg_deploy.predict import remove_stale_temps
+
+    out = tmp_path / "out.zarr"
+    stale = tmp_path / ".out.zarr.1a2b3c4d.tmp"
+    (stale / "0").mkdir(parents=True)
+    (stale / "0" / "c").write_bytes(b"half")
+    keep = tmp_path / ".other.zarr.1a2b3c4d.tmp"
+    keep.mkdir()
+    remove_stale_temps(out)
+    assert not stale.exists() and keep.exists()
