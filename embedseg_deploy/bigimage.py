@@ -51,7 +51,14 @@ from .io import (
 )
 from .ngff import write_labels
 from .normalize import percentiles_from_histogram, scale
-from .predict import check_pixel_size, label_dtype, output_pixel_size, per_axis, round_up
+from .predict import (
+    check_pixel_size,
+    is_zarr_output,
+    label_dtype,
+    output_pixel_size,
+    per_axis,
+    round_up,
+)
 from .sources import ImageSource, open_source
 from .tiling import pad_widths, reflect_indices
 
@@ -373,11 +380,6 @@ def _write_block(path: Path, new: np.ndarray, inside: Sequence[slice], next_id: 
     finally:
         del mm
     return int(survive.sum())
-
-
-def is_zarr_output(path: str | os.PathLike) -> bool:
-    """Labels go to an OME-Zarr store when the output path ends in ``.zarr``."""
-    return Path(path).suffix.lower() == ".zarr"
 
 
 def _to_zarr(

@@ -192,6 +192,13 @@ def main() -> None:
     default=None,
     help="Memory this run may use (6G, 512M, 40%); larger images go block by block [50% of available].",
 )
+@click.option(
+    "--level",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="OME-Zarr inputs: pyramid level to segment (0 = full resolution).",
+)
 @click.option("--block", default=None, help="Force block mode with this block core size (z,y,x; >= 8).")
 @click.option("--block-halo", default=None, help="Big images: context around each block; > largest object.")
 @click.option(
@@ -220,6 +227,7 @@ def predict(
     threads: int | None,
     channel_axis: int | None,
     memory_budget: str | None,
+    level: int,
     block: str | None,
     block_halo: str | None,
     engine_cache: Path | None,
@@ -228,8 +236,9 @@ def predict(
 ) -> None:
     """Segment INPUT files, folders or globs with MODEL (.onnx, .engine or a .pth checkpoint).
 
-    Outputs go to OUT_DIR/<name>.tif with a summary.json that grows as files finish. Rerunning the same
-    command resumes: outputs made with the same model and settings are skipped.
+    INPUT may be TIFF files or OME-Zarr images (NGFF 0.4/0.5 stores). Outputs go to OUT_DIR/<name>.tif
+    (OUT_DIR/<name>.ome.zarr label images for OME-Zarr inputs) with a summary.json that grows as files
+    finish. Rerunning the same command resumes: outputs made with the same model and settings are skipped.
     """
     from .memory import parse_budget
     from .predict import (
@@ -314,6 +323,7 @@ def predict(
             block=block_sizes,
             block_halo=_sizes(block_halo, "--block-halo"),
             memory_budget=budget.bytes,
+            level=level,
             reporter=console.reporter(),
         )
     except InputError as exc:

@@ -53,7 +53,7 @@ _UNITS_UM = {
 _DEFAULT_DPI = (1.0, 72.0, 96.0, 300.0)
 _IMAGEJ_DTYPES = ("uint8", "uint16", "int16", "float32")
 TIFF_SUFFIXES = (".tif", ".tiff")
-_STEM_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif")
+_STEM_SUFFIXES = (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".ome.zarr", ".zarr")
 PROVENANCE_TAG = 65117
 """Private TIFF tag (ASCII JSON) holding what made a label file: model sha256 and label settings."""
 
@@ -538,7 +538,8 @@ def _encode_pixel_size(
 
 
 def tiff_stem(path: str | os.PathLike) -> str:
-    """The name that pairs files across folders: the file name without ``.ome.tif(f)`` / ``.tif(f)``."""
+    """The name that pairs files across folders: the name without ``.ome.tif(f)``, ``.tif(f)``,
+    ``.ome.zarr`` or ``.zarr``."""
     name = Path(path).name
     lower = name.lower()
     for suffix in _STEM_SUFFIXES:

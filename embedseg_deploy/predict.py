@@ -39,6 +39,7 @@ from .io import (
     TIFF_SUFFIXES,
     DiskFullError,
     InputError,
+    TiffImage,
     atomic_write_json,
     channel_axis_of,
     read_provenance,
@@ -50,6 +51,7 @@ from .io import (
 )
 from .memory import limit_heap_fragmentation
 from .normalize import normalize
+from .sources import ZARR_SUFFIXES, is_zarr, open_source
 from .tiling import balanced_tile, pad_widths, plan_tiles, predict_tiled
 from .tta import predict_tta
 
@@ -380,27 +382,33 @@ class Job:
 
 
 def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Job]]:
-    """Files from files, folders (their *.tif/*.tiff, sorted) and glob patterns; plus failed items."""
+    """Images from files, OME-Zarr stores, folders (their *.tif/*.tiff files and *.zarr stores, sorted)
+    and glob patterns; plus failed items."""
     import glob
+
+    def image(p: Path) -> bool:
+        if p.name.startswith("."):
+            return False
+        if p.is_dir():
+            return p.suffix.lower() in ZARR_SUFFIXES and is_zarr(p)
+        return p.is_file() and p.suffix.lower() in TIFF_SUFFIXES
 
     files: list[Path] = []
     failed: list[Job] = []
     for item in inputs:
         text = str(item)
         path = Path(text)
-        if path.is_dir():
-            found = sorted(
-                p
-                for p in path.iterdir()
-                if p.is_file() and p.suffix.lower() in TIFF_SUFFIXES and not p.name.startswith(".")
-            )
+        if is_zarr(path):
+            files.append(path)
+        elif path.is_dir():
+            found = sorted(p for p in path.iterdir() if image(p))
             if not found:
-                failed.append(Job(path, error=f"{path}: folder holds no .tif/.tiff files"))
+                failed.append(Job(path, error=f"{path}: folder holds no .tif/.tiff files or .zarr images"))
             files.extend(found)
         elif path.exists():
             files.append(path)
         elif glob.has_magic(text):
-            found = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
+            found = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file() or is_zarr(p))
             if not found:
                 failed.append(Job(path, error=f"{text}: pattern matches no file"))
             files.extend(found)
@@ -417,13 +425,13 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> tuple[list[Path], list
 
 
 def plan_jobs(files: Sequence[Path], out_dir: Path, save_seeds: bool) -> list[Job]:
-    """Output paths ``out_dir/<stem>.tif`` (seeds under ``seeds/``); refuses clashes and overwriting
-    inputs."""
+    """Output paths ``out_dir/<stem>.tif`` for TIFF inputs, ``out_dir/<stem>.ome.zarr`` (an OME-Zarr label
+    image) for OME-Zarr inputs (seeds as TIFF under ``seeds/``); refuses clashes and overwriting inputs."""
     inputs = {f.resolve() for f in files}
     taken: dict[Path, Path] = {}
     jobs = []
     for f in files:
-        out = out_dir / f"{tiff_stem(f)}.tif"
+        out = out_dir / f"{tiff_stem(f)}{'.ome.zarr' if is_zarr(f) else '.tif'}"
         seeds = out_dir / SEEDS_FOLDER / f"{tiff_stem(f)}.tif" if save_seeds else None
         job = Job(f, out, seeds)
         for target in (out, seeds):
@@ -532,21 +540,24 @@ def predict_files(
     block: int | Sequence[int] | None = None,
     block_halo: int | Sequence[int] | None = None,
     memory_budget: str | int | None = None,
+    level: int = 0,
     on_file: Callable[[dict[str, Any], int, int], None] | None = None,
     reporter: Reporter | None = None,
     summary_name: str | None = SUMMARY_NAME,
 ) -> dict[str, Any]:
     """Segment many images; one failing file never stops the others (a full disk stops the run).
 
-    Outputs are ``out_dir/<stem>.tif`` (uint16 labels, uint32 past 65535 objects, ids 1..n, with the
-    input's pixel size and the label settings: :meth:`Predictor.label_settings`) and, with ``save_seeds``,
+    Outputs are ``out_dir/<stem>.tif`` (``.ome.zarr`` for OME-Zarr inputs; uint16 labels, uint32 past
+    65535 objects, ids 1..n, with the input's pixel size and the label settings:
+    :meth:`Predictor.label_settings`) and, with ``save_seeds``,
     ``out_dir/seeds/<stem>.tif`` (float32 seediness). An existing complete output made with the same
     settings is skipped (resume); one made otherwise is reported, not touched, unless ``overwrite``.
     ``memory_budget`` (bytes, ``"6G"``, ``"40%"``; default half the available memory) chooses between
     whole-image and block mode per file and sizes the blocks; ``block`` forces block mode with that core
-    size (:mod:`embedseg_deploy.bigimage`). ``reporter`` hears about each file before, during and after
-    it; ``on_file(record, done, total)`` after each file. Returns the run summary, also written to
-    ``out_dir/summary.json`` as the run goes; ``summary['failed']`` counts failures.
+    size (:mod:`embedseg_deploy.bigimage`). OME-Zarr inputs are read at pyramid ``level`` (default 0, full
+    resolution) and get ``out_dir/<stem>.ome.zarr`` label images. ``reporter`` hears about each file
+    before, during and after it; ``on_file(record, done, total)`` after each file. Returns the run
+    summary, also written to ``out_dir/summary.json`` as the run goes; ``summary['failed']`` counts failures.
     """
     from .memory import parse_budget
 
@@ -590,7 +601,7 @@ def predict_files(
     for i, job in enumerate(jobs, 1):
         record = process_job(
             predictor, job, save_seeds, overwrite, channel_axis, block, block_halo, budget.bytes, reporter, i,
-            len(jobs),
+            len(jobs), level,
         )  # fmt: skip
         records.append(record)
         if record.pop("disk_full", False):
@@ -620,7 +631,7 @@ def refuse_output_among_inputs(inputs: Sequence[str | os.PathLike], out_dir: Pat
         path = Path(item)
         if not path.exists():
             path = Path(os.path.dirname(str(item)) or ".")  # a glob pattern: its folder
-        folder = path if path.is_dir() else path.parent
+        folder = path if path.is_dir() and not is_zarr(path) else path.parent
         if folder.resolve() == target:
             raise InputError(
                 f"{out_dir}: the output folder holds input images ({item}); labels written there would be "
@@ -655,6 +666,7 @@ def process_job(
     reporter: Reporter | None = None,
     index: int = 1,
     total: int = 1,
+    level: int = 0,
 ) -> dict[str, Any]:
     """Run one file; every expected failure becomes ``status='failed'`` with the reason (a full disk also
     sets ``disk_full``)."""
@@ -666,8 +678,8 @@ def process_job(
     t0 = time.perf_counter()
     settings = predictor.label_settings()
     try:
-        header = _header(job.input, predictor.contract, channel_axis)
-        if header is not None and not overwrite and job.output.is_file():
+        header = _header(job.input, predictor.contract, channel_axis, level)
+        if header is not None and not overwrite and job.output.exists():
             done = _resume_check(job, header[0], settings)
             if done is not None:
                 return {**record, **done}
@@ -687,6 +699,7 @@ def process_job(
             big = predict_big(
                 predictor, job.input, job.output, plan.block, block_halo, channel_axis=channel_axis,
                 progress=reporter.step and (lambda d, n: reporter.step(d, n, "blocks")), provenance=settings,
+                level=level,
             )  # fmt: skip
             timings = {**big.timings, "total": time.perf_counter() - t0}
             return {
@@ -701,7 +714,7 @@ def process_job(
                 "warnings": notes + big.warnings,
             }
         t_read = time.perf_counter()
-        img = read_tiff(job.input)
+        img = read_image(job.input, level)
         read_s = time.perf_counter() - t_read
         unit = "TTA passes" if predictor.tta else "tiles"
         predictor.progress = reporter.step and (lambda d, n: reporter.step(d, n, unit))
@@ -714,7 +727,7 @@ def process_job(
         t_write = time.perf_counter()
         px = output_pixel_size(img.pixel_size, predictor.contract.ndim)
         labels = result.labels.astype(label_dtype(result.n_objects), copy=False)
-        write_tiff_atomic(job.output, labels, pixel_size=px, overwrite=True, provenance=settings)
+        write_labels_file(job.output, labels, px, settings, job.input)
         if job.seeds is not None and result.seeds is not None:
             write_tiff_atomic(job.seeds, result.seeds, pixel_size=px, overwrite=True, provenance=settings)
         timings = {"read": read_s, **result.timings, "write": time.perf_counter() - t_write}
@@ -748,12 +761,23 @@ def process_job(
         return {**record, "status": "failed", "error": message}
 
 
+def read_image(path: Path, level: int = 0) -> TiffImage:
+    """A whole image in memory: a TIFF, or ``level`` of an OME-Zarr image."""
+    if not is_zarr(path):
+        if level:
+            raise InputError(f"{path}: --level applies to OME-Zarr images; a TIFF has one level")
+        return read_tiff(path)
+    source = open_source(path, level)
+    data = source.read([slice(None)] * len(source.shape))
+    return TiffImage(data, source.pixel_size, source.axes, Path(path), (source.note,) if source.note else ())
+
+
 def _resume_check(job: Job, spatial: Sequence[int], settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """``skipped`` for a finished output made with these settings, ``failed`` (saying what differs) for one
     made otherwise; None when the file must be (re)made."""
     if not _finished(job, spatial):
         return None
-    differences = settings_differences(read_provenance(job.output), settings)
+    differences = settings_differences(_output_provenance(job.output), settings)
     if not differences:
         return {"status": "skipped", "reason": "output exists and is complete, made with the same settings"}
     return {
@@ -824,16 +848,20 @@ def remove_stale_temps(output: Path) -> None:
 
 
 def _header(
-    path: Path, contract: Contract, channel_axis: int | None
+    path: Path, contract: Contract, channel_axis: int | None, level: int = 0
 ) -> tuple[tuple[int, ...], int, int] | None:
-    """(spatial shape, bytes per value, channels) from the TIFF header, or None when the header cannot be
-    read (the reader reports why later)."""
+    """(spatial shape, bytes per value, channels) from the image's header (TIFF tags or OME-Zarr
+    metadata), or None when the header cannot be read (the reader reports why later)."""
     try:
-        import tifffile
+        if is_zarr(path):
+            source = open_source(path, level)
+            shape, axes, itemsize = source.shape, source.axes, source.dtype.itemsize
+        else:
+            import tifffile
 
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            shape, axes, itemsize = tuple(series.shape), series.axes, np.dtype(series.dtype).itemsize
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                shape, axes, itemsize = tuple(series.shape), series.axes, np.dtype(series.dtype).itemsize
         caxis = channel_axis_of(shape, contract.ndim, contract.in_channels, channel_axis, path, axes)
     except Exception:
         return None
@@ -843,11 +871,52 @@ def _header(
 
 def _finished(job: Job, spatial: Sequence[int]) -> bool:
     """True when the job's outputs already exist and are complete."""
-    if job.output is None or not job.output.is_file():
+    if job.output is None or not job.output.exists():
         return False
     if job.seeds is not None and not job.seeds.is_file():
         return False
+    if is_zarr_output(job.output):
+        from .ngff import read_labels_info
+
+        info = read_labels_info(job.output)
+        return info is not None and info[0] == tuple(spatial)
     return output_is_complete(job.output, spatial)
+
+
+def is_zarr_output(path: str | os.PathLike) -> bool:
+    """Labels go to an OME-Zarr store when the output path ends in ``.zarr``."""
+    return Path(path).suffix.lower() in ZARR_SUFFIXES
+
+
+def _output_provenance(path: Path) -> dict | None:
+    if is_zarr_output(path):
+        from .ngff import read_labels_info
+
+        info = read_labels_info(path)
+        return info[1] if info else None
+    return read_provenance(path)
+
+
+def write_labels_file(
+    path: Path,
+    labels: np.ndarray,
+    pixel_size: Sequence[float] | None,
+    provenance: dict[str, Any] | None,
+    source_image: Path | None = None,
+) -> None:
+    """Labels to ``path`` atomically: an OME-Zarr label image for ``*.zarr``, else a TIFF."""
+    if not is_zarr_output(path):
+        write_tiff_atomic(path, labels, pixel_size=pixel_size, overwrite=True, provenance=provenance)
+        return
+    from .ngff import write_labels
+
+    source = None
+    if source_image is not None:
+        source = os.path.relpath(source_image.resolve(), path.resolve().parent)
+    write_labels(
+        path, lambda a, b: labels[a:b], labels.shape, labels.dtype, pixel_size, provenance, source,
+        overwrite=True,
+    )  # fmt: skip
 
 
 def output_pixel_size(pixel_size: Sequence[float] | None, ndim: int) -> list[float] | None:

@@ -72,6 +72,17 @@ def test_cpu_threads_do_not_spin_unless_asked(toy2d):
     assert spinning(create_backend(toy2d, "onnx-cpu", session_config=asked)) == "1"
 
 
+def test_cpu_sessions_share_an_arena_that_grows_linearly(toy2d):
+    # power-of-two arena growth made block-mode peaks jump between block sizes (onnx_backend docstring)
+    a, b = create_backend(toy2d, "onnx-cpu"), create_backend(toy2d, "onnx-cpu")
+    for backend in (a, b):
+        options = backend.session.get_session_options()
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+    x = np.random.default_rng(0).random((1, 1, 16, 16), dtype=np.float32)
+    np.testing.assert_array_equal(a.run(x), b.run(x))
+    np.testing.assert_allclose(a.run(x), _toy_reference(x, a.contract), atol=2e-5)
+
+
 def test_auto_picks_a_backend_that_runs_and_says_which(toy2d):
     backend = create_backend(toy2d, "auto", threads=1)
     assert backend.info["auto"]["chosen"] == backend.name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +197,65 @@ def test_a_killed_zarr_write_leaves_a_temp_folder_that_the_next_run_removes(tmp_
     keep.mkdir()
     remove_stale_temps(out)
     assert not stale.exists() and keep.exists()
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from embedseg_deploy.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_a_batch_of_tiff_and_ome_zarr_gives_the_same_labels_and_resumes(tmp_path):
+    from ._runtime_models import toy_onnx
+
+    model = toy_onnx(tmp_path / "toy.onnx", 2)
+    image, _ = blobs((53, 67), 5, seed=4)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_tiff_atomic(folder / "a.tif", image, pixel_size=(0.5, 0.5))
+    write_image(folder / "b.ome.zarr", image, "YX", (0.5, 0.5), chunks=(16, 16), version="0.4")
+    _store_with_attrs(folder / "c.zarr", {})  # no NGFF metadata: reported, the others go on
+    before = sorted((f.relative_to(folder), f.read_bytes()) for f in folder.rglob("*") if f.is_file())
+    out = tmp_path / "out"
+    for block in ([], ["--block", "24"]):  # whole image, then block mode
+        result = _cli("predict", model, folder, "-o", out, "-q", "--overwrite", *block)
+        assert result.exit_code == 1, result.output
+        files = {Path(r["input"]).name: r for r in json.loads((out / "summary.json").read_text())["files"]}
+        assert files["a.tif"]["status"] == files["b.ome.zarr"]["status"] == "ok"
+        assert files["b.ome.zarr"]["output"] == str(out / "b.ome.zarr")
+        assert files["c.zarr"]["status"] == "failed"
+        assert re.search(r"c\.zarr: not an OME-Zarr image \(no NGFF metadata", files["c.zarr"]["error"])
+        tiff_labels = tifffile.imread(out / "a.tif")
+        assert tiff_labels.max() > 0 and np.array_equal(_labels(out / "b.ome.zarr"), tiff_labels)
+        assert open_source(out / "b.ome.zarr").pixel_size == pytest.approx((0.5, 0.5))
+    # the same command again: both finished outputs are skipped; other settings are refused, not redone
+    _cli("predict", model, folder, "-o", out, "-q", "--block", "24")
+    files = {Path(r["input"]).name: r for r in json.loads((out / "summary.json").read_text())["files"]}
+    assert files["a.tif"]["status"] == files["b.ome.zarr"]["status"] == "skipped"
+    result = _cli("predict", model, folder / "b.ome.zarr", "-o", out, "-q", "--seed-thresh", "0.7")
+    files = json.loads((out / "summary.json").read_text())["files"]
+    assert files[0]["status"] == "failed" and "made with other settings" in files[0]["error"]
+    assert np.array_equal(_labels(out / "b.ome.zarr"), tiff_labels)
+    after = sorted((f.relative_to(folder), f.read_bytes()) for f in folder.rglob("*") if f.is_file())
+    assert after == before  # inputs untouched
+
+
+def test_level_picks_the_pyramid_level_and_a_tiff_has_none(tmp_path):
+    from ._runtime_models import toy_onnx
+
+    model = toy_onnx(tmp_path / "toy.onnx", 2)
+    image, _ = blobs((64, 80), 5, seed=5)
+    write_image(tmp_path / "img.zarr", image, "YX", (0.5, 0.5), levels=2)
+    write_tiff_atomic(tmp_path / "img2.tif", image)
+    out = tmp_path / "out"
+    result = _cli(
+        "predict", model, tmp_path / "img.zarr", tmp_path / "img2.tif", "-o", out, "-q", "--level", "1"
+    )
+    files = {Path(r["input"]).name: r for r in json.loads((out / "summary.json").read_text())["files"]}
+    assert result.exit_code == 1
+    assert files["img.zarr"]["status"] == "ok" and files["img.zarr"]["shape"] == [32, 40]
+    assert files["img.zarr"]["pixel_size"] == pytest.approx([1.0, 1.0])
+    assert _labels(out / "img.ome.zarr").shape == (32, 40)
+    assert "img2.tif: --level applies to OME-Zarr images" in files["img2.tif"]["error"]

@@ -18,6 +18,10 @@ The CPU memory arena is shrunk after every run (``shrink_arena``; ORT's run opti
 in powers of two. A 2048^2 2D ERFNet: peak RSS 528 MiB instead of 792, 263 MiB kept after the run instead
 of 792, same speed. Switching the arena off instead made the first run of a session 2x slower (14.7 s vs
 7.7 s), which whole-image prediction pays on every image (benchmarks/results/memory_stages.md).
+The arena also grows by exactly what is asked (``kSameAsRequested``, one process-wide CPU arena shared by
+the sessions) instead of in powers of two, so its peak is linear in the input: a 1952^2 input peaked at
+138 B/px with power-of-two growth and 104 B/px with linear growth (1768^2: 114 and 103), same speed. The
+block planner's memory model is linear, so this is what keeps block-mode peaks flat.
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ class OnnxRuntimeBackend(Backend):
         providers: list[Any]
         if provider == CPU_EP:
             providers = [CPU_EP]
+            if shrink_arena and _linear_cpu_arena(ort):
+                opts.add_session_config_entry("session.use_env_allocators", "1")
         else:
             opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
             cuda = {
@@ -244,3 +250,22 @@ def _profile_strings(profile: dict[str, tuple[int, ...]], input_name: str) -> di
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:500] if text else type(exc).__name__
+
+
+_ARENA_SAME_AS_REQUESTED = 1
+_linear_arena: bool | None = None
+
+
+def _linear_cpu_arena(ort: Any) -> bool:
+    """Register, once per process, a shared CPU arena that grows by what is requested; False where this
+    onnxruntime cannot (its sessions then keep their own power-of-two arenas)."""
+    global _linear_arena
+    if _linear_arena is None:
+        try:
+            arena, default = ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, ort.OrtMemType.DEFAULT
+            info = ort.OrtMemoryInfo("Cpu", arena, 0, default)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, _ARENA_SAME_AS_REQUESTED, -1, -1))
+            _linear_arena = True
+        except Exception:  # an old onnxruntime without the API, or an allocator registered elsewhere
+            _linear_arena = False
+    return _linear_arena
