@@ -40,7 +40,7 @@ import numpy as np
 import tifffile
 
 from . import memory
-from .contract import Normalization
+from .contract import Normalization, check_pixel_size
 from .io import (
     DiskFullError,
     InputError,
@@ -51,16 +51,9 @@ from .io import (
 )
 from .ngff import write_labels
 from .normalize import percentiles_from_histogram, scale
-from .predict import (
-    check_pixel_size,
-    is_zarr_output,
-    label_dtype,
-    output_pixel_size,
-    per_axis,
-    round_up,
-)
+from .outputs import is_zarr_output, label_dtype, output_pixel_size
 from .sources import ImageSource, open_source
-from .tiling import pad_widths, reflect_indices
+from .tiling import pad_widths, per_axis, reflect_indices, round_up
 
 if TYPE_CHECKING:
     from .predict import Predictor

@@ -272,3 +272,23 @@ def default_tiles(ndim: int) -> dict[str, dict[str, list[int]]]:
         "cpu": {"size": [64, 512, 512], "halo": [16, 64, 64]},
         "gpu": {"size": [64, 256, 256], "halo": [16, 64, 64]},
     }
+
+
+PIXEL_SIZE_TOLERANCE = 0.05
+
+
+def check_pixel_size(image_px: Sequence[float] | None, contract: Contract, where: str = "") -> str | None:
+    """A warning text when the image's pixel size differs from the model's by more than 5 %."""
+    model_px = contract.pixel_size
+    if image_px is None or model_px is None:
+        return None
+    n = min(len(image_px), len(model_px))
+    pairs = list(zip(image_px[-n:], model_px[-n:], strict=True))
+    if all(abs(a - b) <= PIXEL_SIZE_TOLERANCE * b for a, b in pairs):
+        return None
+    shown = ", ".join(f"{a:.4g}" for a in image_px[-n:])
+    model = ", ".join(f"{b:.4g}" for b in model_px[-n:])
+    return (
+        f"{where}pixel size ({shown}) µm differs from the model's ({model}) µm by more than "
+        f"{PIXEL_SIZE_TOLERANCE:.0%}; rescale the image for best results"
+    )

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import __version__
 from .backends import Backend, create_backend
-from .contract import Contract, Thresholds
+from .contract import Contract, Thresholds, check_pixel_size
 from .io import (
     TIFF_SUFFIXES,
     DiskFullError,
@@ -51,11 +51,11 @@ from .io import (
 )
 from .memory import limit_heap_fragmentation
 from .normalize import normalize
+from .outputs import is_zarr_output, label_dtype, output_pixel_size, write_labels_file
 from .sources import ZARR_SUFFIXES, is_zarr, open_source
-from .tiling import balanced_tile, pad_widths, plan_tiles, predict_tiled
+from .tiling import balanced_tile, pad_widths, per_axis, plan_tiles, predict_tiled, round_up
 from .tta import predict_tta
 
-PIXEL_SIZE_TOLERANCE = 0.05
 SUMMARY_NAME = "summary.json"
 SEEDS_FOLDER = "seeds"
 THRESHOLD_NAMES = tuple(Thresholds.__dataclass_fields__)
@@ -74,27 +74,6 @@ class Result:
     n_objects: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-
-def per_axis(value: int | Sequence[int] | None, ndim: int, name: str) -> list[int] | None:
-    """One size per axis from an int, one value or ``ndim`` values (None stays None)."""
-    if value is None:
-        return None
-    values = [int(value)] * ndim if isinstance(value, int | np.integer) else [int(v) for v in value]
-    if len(values) == 1:
-        values = values * ndim
-    if len(values) != ndim or any(v < 0 for v in values):
-        raise ValueError(f"{name} needs 1 or {ndim} non-negative sizes (array order), got {value}")
-    return values
-
-
-def round_up(values: Sequence[int], multiple: int) -> list[int]:
-    return [-(-int(v) // multiple) * multiple for v in values]
-
-
-def label_dtype(n_objects: int) -> np.dtype:
-    """uint16 while ids fit (Fiji/napari read it everywhere), uint32 beyond 65535 objects."""
-    return np.dtype(np.uint16) if n_objects <= np.iinfo(np.uint16).max else np.dtype(np.uint32)
 
 
 def check_thresholds(thresholds: Mapping[str, Any]) -> None:
@@ -123,23 +102,6 @@ def settings_differences(old: Mapping[str, Any] | None, new: Mapping[str, Any]) 
         else:
             out.append(f"{key} {before} (this run {value})")
     return out
-
-
-def check_pixel_size(image_px: Sequence[float] | None, contract: Contract, where: str = "") -> str | None:
-    """A warning text when the image's pixel size differs from the model's by more than 5 %."""
-    model_px = contract.pixel_size
-    if image_px is None or model_px is None:
-        return None
-    n = min(len(image_px), len(model_px))
-    pairs = list(zip(image_px[-n:], model_px[-n:], strict=True))
-    if all(abs(a - b) <= PIXEL_SIZE_TOLERANCE * b for a, b in pairs):
-        return None
-    shown = ", ".join(f"{a:.4g}" for a in image_px[-n:])
-    model = ", ".join(f"{b:.4g}" for b in model_px[-n:])
-    return (
-        f"{where}pixel size ({shown}) µm differs from the model's ({model}) µm by more than "
-        f"{PIXEL_SIZE_TOLERANCE:.0%}; rescale the image for best results"
-    )
 
 
 class Predictor:
@@ -883,11 +845,6 @@ def _finished(job: Job, spatial: Sequence[int]) -> bool:
     return output_is_complete(job.output, spatial)
 
 
-def is_zarr_output(path: str | os.PathLike) -> bool:
-    """Labels go to an OME-Zarr store when the output path ends in ``.zarr``."""
-    return Path(path).suffix.lower() in ZARR_SUFFIXES
-
-
 def _output_provenance(path: Path) -> dict | None:
     if is_zarr_output(path):
         from .ngff import read_labels_info
@@ -895,36 +852,6 @@ def _output_provenance(path: Path) -> dict | None:
         info = read_labels_info(path)
         return info[1] if info else None
     return read_provenance(path)
-
-
-def write_labels_file(
-    path: Path,
-    labels: np.ndarray,
-    pixel_size: Sequence[float] | None,
-    provenance: dict[str, Any] | None,
-    source_image: Path | None = None,
-) -> None:
-    """Labels to ``path`` atomically: an OME-Zarr label image for ``*.zarr``, else a TIFF."""
-    if not is_zarr_output(path):
-        write_tiff_atomic(path, labels, pixel_size=pixel_size, overwrite=True, provenance=provenance)
-        return
-    from .ngff import write_labels
-
-    source = None
-    if source_image is not None:
-        source = os.path.relpath(source_image.resolve(), path.resolve().parent)
-    write_labels(
-        path, lambda a, b: labels[a:b], labels.shape, labels.dtype, pixel_size, provenance, source,
-        overwrite=True,
-    )  # fmt: skip
-
-
-def output_pixel_size(pixel_size: Sequence[float] | None, ndim: int) -> list[float] | None:
-    """The input's pixel size when it covers every spatial axis (TIFF cannot store a partial one)."""
-    if pixel_size is None or len(pixel_size) != ndim:
-        return None
-    values = [float(p) for p in pixel_size]
-    return values if all(math.isfinite(v) and v > 0 for v in values) else None
 
 
 def _rounded(timings: Mapping[str, float]) -> dict[str, float]:

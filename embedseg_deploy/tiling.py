@@ -286,3 +286,19 @@ def predict_tiled(
         if progress is not None:
             progress(first + len(group), len(plan))
     return out
+
+
+def per_axis(value: int | Sequence[int] | None, ndim: int, name: str) -> list[int] | None:
+    """One size per axis from an int, one value or ``ndim`` values (None stays None)."""
+    if value is None:
+        return None
+    values = [int(value)] * ndim if isinstance(value, int | np.integer) else [int(v) for v in value]
+    if len(values) == 1:
+        values = values * ndim
+    if len(values) != ndim or any(v < 0 for v in values):
+        raise ValueError(f"{name} needs 1 or {ndim} non-negative sizes (array order), got {value}")
+    return values
+
+
+def round_up(values: Sequence[int], multiple: int) -> list[int]:
+    return [-(-int(v) // multiple) * multiple for v in values]
