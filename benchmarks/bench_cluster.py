@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from embedseg_deploy.cluster import cluster, warm_up  # noqa: E402
 from embedseg_deploy.io import atomic_write_text  # noqa: E402
-from tests._cluster_reference import ideal_output  # noqa: E402
+from embedseg_deploy.synthetic import ideal_output  # noqa: E402
 
 SPACING = 1 / 1023  # upstream's default grid: linspace(0, 1, 1024)
 MIN_OBJECT_SIZE = 20
@@ -242,7 +242,7 @@ def markdown(report: dict) -> str:
         f"numba {report['versions']['numba']}; "
         f"upstream: torch {report['versions'].get('upstream_torch', '-')} (2 threads). "
         "Ours: 1 numba thread (serial kernels), best of the repeats, warm (compile excluded).",
-        "Synthetic ideal outputs (tests/_cluster_reference.py `ideal_output`), spacing 1/1023, seed 0.9, "
+        "Synthetic ideal outputs (`embedseg_deploy.synthetic.ideal_output`), spacing 1/1023, seed 0.9, "
         f"fg 0.5, min_object_size {MIN_OBJECT_SIZE}.",
         "",
         "| case | pixels | objects | fg pixels | ours (ms) | upstream (s) | speed-up | identical labels "

@@ -204,3 +204,52 @@ def write_dataset(
             write_tiff_atomic(root / split / "images" / name, image, px, overwrite=overwrite)
             write_tiff_atomic(root / split / "masks" / name, labels, px, overwrite=overwrite)
     return root
+
+
+def ideal_output(
+    shape: Sequence[int],
+    n_objects: int,
+    radius: float,
+    spacing: float = 1 / 1023,
+    *,
+    jitter_px: float = 0.3,
+    rng: np.random.Generator | int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic "ideal" raw network output and its ground-truth labels (int32).
+
+    Objects are discs (2D) or balls (3D) of ``radius`` px at random, non-overlapping places (cells of a
+    jittered grid). Offsets point every object pixel to its centre (``atanh`` of the needed shift, plus
+    ``jitter_px`` Gaussian noise), the sigma logits put phi = 0.5 at 1.5 radii, and the seed logits are
+    high near centres, positive on the object and -6 on the background.
+    """
+    rng = np.random.default_rng(rng)
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    pitch = 2 * radius + 2
+    cells = [int(s // pitch) for s in shape]
+    if n_objects > int(np.prod(cells)):
+        raise ValueError(f"{n_objects} objects of radius {radius} do not fit in {shape}")
+    pick = rng.choice(int(np.prod(cells)), n_objects, replace=False)
+    centres = (np.stack(np.unravel_index(pick, cells), 1) + 0.5) * pitch + rng.uniform(
+        -1, 1, (n_objects, ndim)
+    )
+    raw = np.zeros((2 * ndim + 1, *shape), np.float32)
+    raw[-1] = -6.0
+    sigma_logit = np.log(np.log(2) / (1.5 * radius * spacing) ** 2) / 10
+    raw[ndim : 2 * ndim] = sigma_logit
+    labels = np.zeros(shape, np.int32)
+    r = int(np.ceil(radius))
+    offs = np.stack(np.meshgrid(*[np.arange(-r, r + 1)] * ndim, indexing="ij"), 0).reshape(ndim, -1)
+    for k, c in enumerate(centres, start=1):
+        p = np.round(c).astype(int)[:, None] + offs  # pixels of the bounding box, array order
+        d2 = ((p - c[:, None]) ** 2).sum(0)
+        keep = (d2 <= radius**2) & np.all((p >= 0) & (p < np.array(shape)[:, None]), 0)
+        p, d2 = p[:, keep], d2[keep]
+        target = c[:, None] + rng.normal(0, jitter_px, p.shape)
+        shift = (target - p) * spacing  # array order
+        idx = tuple(p)
+        for d in range(ndim):  # offset channel d pairs with array axis ndim-1-d
+            raw[(d, *idx)] = np.arctanh(shift[ndim - 1 - d])
+        raw[(-1, *idx)] = 6.0 * (1 - d2 / radius**2) + 0.5
+        labels[idx] = k
+    return raw, labels
