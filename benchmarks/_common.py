@@ -89,7 +89,7 @@ def exported_model(ndim: int, precision: str = "fp32", cache: Path = MODEL_CACHE
 
 def header(benchmark: str, threads: int, **parameters: Any) -> dict[str, Any]:
     """Date, machine (CPU, GPUs, load average), versions and parameters of a result document."""
-    from embedseg_deploy.bench import machine_info, package_versions
+    from embedseg_deploy.machine import machine_info, package_versions
 
     return {
         "_t0": time.perf_counter(),
@@ -107,7 +107,7 @@ def header(benchmark: str, threads: int, **parameters: Any) -> dict[str, Any]:
 def finish(doc: dict[str, Any], markdown: Callable[[dict[str, Any]], str], name: str, out_dir: Path) -> str:
     """Add the closing load average and run time, write ``name``.json and ``name``.md atomically; returns
     the markdown."""
-    from embedseg_deploy.bench import write_json_atomic, write_text_atomic
+    from embedseg_deploy.bench_report import write_json_atomic, write_text_atomic
 
     doc["machine"]["load_average_after"] = list(os.getloadavg())
     doc["seconds"] = round(time.perf_counter() - doc.pop("_t0", time.perf_counter()), 1)

@@ -37,7 +37,8 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from embedseg_deploy.bench import conv_flops, median_spread  # noqa: E402
+from embedseg_deploy.bench import conv_flops  # noqa: E402
+from embedseg_deploy.bench_report import median_spread  # noqa: E402
 
 NAME = "hwlimit"
 TARGET = 0.70

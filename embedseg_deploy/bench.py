@@ -23,13 +23,8 @@ installed. torch is imported only when a checkpoint is benchmarked on the torch 
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,13 +39,23 @@ import numpy as np
 
 from .backends import BackendError, create_backend, model_kind
 from .backends.onnx_backend import DEFAULT_SESSION_CONFIG
+from .bench_report import (  # noqa: F401  (the report's API, also reached through this module)
+    LATENCY_KEYS,
+    SCHEMA,
+    STAGES,
+    format_markdown,
+    latency_stats,
+    median_spread,
+    plot_report,
+    validate_report,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .io import read_tiff, write_tiff_atomic
-from .predict import Job, Predictor, process_job, versions
+from .machine import cpu_model, gpu_status, machine_info, package_versions  # noqa: F401
+from .predict import Job, Predictor, process_job
 
-SCHEMA = 1
-STAGES = ("read", "normalize", "tile", "h2d", "network", "d2h", "stitch", "decode", "cluster", "write")
 ENV_PREFIXES = ("OMP", "MKL", "OPENBLAS", "NUMBA", "ORT", "KMP", "GOMP", "CUDA")
-LATENCY_KEYS = ("n", "p50", "p90", "p99", "mean", "min", "max")
 # (label, backend name, device) tried for each kind of model file
 TARGETS = {
     "onnx": [
@@ -72,38 +77,6 @@ OBJECT_RADIUS = {2: (7.0, 13.0), 3: (7.0, 11.0)}
 
 # ------------------------------------------------------------------------------------------------------
 # small pure helpers
-
-
-def latency_stats(samples: Sequence[float]) -> dict[str, float | int | None]:
-    """n, p50/p90/p99 (linear interpolation), mean, min, max of ``samples`` in seconds."""
-    x = np.asarray([float(s) for s in samples], dtype=np.float64)
-    if x.size == 0:
-        return {k: (0 if k == "n" else None) for k in LATENCY_KEYS}
-    p50, p90, p99 = np.percentile(x, [50, 90, 99])
-    return {
-        "n": int(x.size),
-        "p50": float(p50),
-        "p90": float(p90),
-        "p99": float(p99),
-        "mean": float(x.mean()),
-        "min": float(x.min()),
-        "max": float(x.max()),
-    }
-
-
-def median_spread(values: Sequence[float]) -> dict[str, float | int | None]:
-    """Median of ``values`` with its spread (min, max, and half the interquartile range)."""
-    x = np.asarray([float(v) for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    if x.size == 0:
-        return {"median": None, "min": None, "max": None, "iqr_half": None, "n": 0}
-    q1, q3 = np.percentile(x, [25, 75])
-    return {
-        "median": float(np.median(x)),
-        "min": float(x.min()),
-        "max": float(x.max()),
-        "iqr_half": float((q3 - q1) / 2),
-        "n": int(x.size),
-    }
 
 
 def pixel_unit(ndim: int) -> str:
@@ -136,61 +109,6 @@ def make_bench_image(
     rng = np.random.default_rng(seed)
     aniso = 2.0 if ndim == 3 else 1.0
     return make_image(shape, n, rng, radius=radius or OBJECT_RADIUS[ndim], anisotropy=aniso)
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def gpu_status() -> tuple[list[str], str | None]:
-    """(GPU names, None) or ([], why there is none)."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        dev = "present" if Path("/dev/nvidia0").exists() else "absent"
-        return [], f"no NVIDIA GPU found: nvidia-smi is not installed and /dev/nvidia0 is {dev}"
-    try:
-        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return [], f"nvidia-smi failed: {exc}"
-    names = [line.strip() for line in out.stdout.splitlines() if line.strip().startswith("GPU")]
-    if out.returncode or not names:
-        return [], f"nvidia-smi lists no GPU ({(out.stderr or out.stdout).strip()[:200]})"
-    return names, None
-
-
-def machine_info() -> dict[str, Any]:
-    """Host, CPU model and count, memory, GPUs, load average: what shaped the numbers."""
-    mem = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    gpus, why = gpu_status()
-    return {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "memory_gib": mem,
-        "gpus": gpus,
-        "gpu_note": why,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-
-
-def package_versions() -> dict[str, str]:
-    """embedseg_deploy's :func:`versions` plus onnx, torch and matplotlib when they are loaded."""
-    out = versions()
-    for name in ("onnx", "torch", "matplotlib"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = str(getattr(mod, "__version__", "?"))
-    return out
 
 
 def conv_flops(onnx_path: str | os.PathLike, input_shape: Sequence[int]) -> dict[str, int] | None:
@@ -236,67 +154,13 @@ def conv_flops(onnx_path: str | os.PathLike, input_shape: Sequence[int]) -> dict
     return out
 
 
-def decode_seconds(raw: np.ndarray, spacing: Sequence[float], fg_thresh: float) -> float | None:
-    """Time of the clustering's decode step alone (seediness, foreground, tanh + coordinates) on ``raw``,
-    with the clustering module's own kernels; None when they are not available."""
-    try:
-        from .cluster import F32, _embed, _foreground, coordinate_table, logit_floor
-    except ImportError:
-        return None
+def decode_seconds(raw: np.ndarray, spacing: Sequence[float], fg_thresh: float) -> float:
+    """Time of the clustering's decode step alone (seediness, foreground, tanh + coordinates) on ``raw``."""
+    from .cluster import decode
+
     t0 = time.perf_counter()
-    shape = raw.shape[1:]
-    ndim = len(shape)
-    raw2 = np.ascontiguousarray(raw, dtype=np.float32).reshape(raw.shape[0], -1)
-    table = coordinate_table(shape, spacing, None)
-    fg, _ = _foreground(raw2[-1], logit_floor(fg_thresh), F32(fg_thresh))
-    if fg.size:
-        shape3 = np.ones(3, np.int64)
-        shape3[3 - ndim :] = shape
-        _embed(raw2, shape3, table, fg)
+    decode(raw, spacing, fg_thresh)
     return time.perf_counter() - t0
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.floating):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    return str(obj)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -724,182 +588,6 @@ def run_bench(
 
 # ------------------------------------------------------------------------------------------------------
 # checking and presenting the report
-
-
-def validate_report(report: dict[str, Any]) -> list[str]:
-    """Problems that make ``report`` incomplete or malformed (empty list: well-formed)."""
-    problems = []
-    for key in (
-        "benchmark",
-        "schema",
-        "date",
-        "machine",
-        "versions",
-        "parameters",
-        "images",
-        "backends",
-        "skipped",
-        "results",
-        "load_average",
-    ):
-        if key not in report:
-            problems.append(f"missing key {key!r}")
-    machine = report.get("machine", {})
-    for key in ("cpu_model", "cpu_count", "gpus", "load_average"):
-        if key not in machine:
-            problems.append(f"machine lacks {key!r}")
-    for key in ("embedseg_deploy", "numpy", "python"):
-        if key not in report.get("versions", {}):
-            problems.append(f"versions lack {key!r}")
-    for key in ("threads", "tile", "batch_size", "repeats", "warmup"):
-        if key not in report.get("parameters", {}):
-            problems.append(f"parameters lack {key!r}")
-    for b in report.get("backends", []):
-        for key in ("backend", "precision", "device", "build_seconds", "tile", "batch_size"):
-            if key not in b:
-                problems.append(f"backend entry lacks {key!r}: {b.get('backend')}")
-    for s in report.get("skipped", []):
-        if not s.get("reason"):
-            problems.append(f"skipped backend {s.get('backend')} has no reason")
-    if not report.get("results"):
-        problems.append("no results")
-    for r in report.get("results", []):
-        name = f"{r.get('backend')} / {r.get('image')}"
-        for group in ("latency_s", "per_tile_s"):
-            stats = r.get(group) or {}
-            for key in LATENCY_KEYS:
-                value = stats.get(key)
-                if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                    problems.append(f"{name}: {group}.{key} = {value!r}")
-            if (
-                stats.get("n", 0)
-                and not stats["min"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
-            ):
-                problems.append(f"{name}: {group} percentiles out of order")
-        stages = r.get("stages_s") or {}
-        for s in STAGES:
-            if s not in stages:
-                problems.append(f"{name}: stage {s!r} missing")
-            elif stages[s] is not None and (not math.isfinite(stages[s]) or stages[s] < 0):
-                problems.append(f"{name}: stage {s} = {stages[s]!r}")
-        for key in ("throughput_per_s", "network_throughput_per_s", "tiles", "computed_over_image", "unit"):
-            if key not in r:
-                problems.append(f"{name}: {key!r} missing")
-        if isinstance(r.get("throughput_per_s"), float) and not r["throughput_per_s"] > 0:
-            problems.append(f"{name}: throughput not positive")
-    return problems
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if value == 0:
-            return "0"
-        if abs(value) >= 100:
-            return f"{value:.0f}"
-        return f"{value:.{digits}g}"
-    return str(value)
-
-
-def format_markdown(report: dict[str, Any], title: str = "embedseg-run bench") -> str:
-    """The report as markdown: machine line, latency table, stage table, ratios, agreement, skips."""
-    m, p = report["machine"], report["parameters"]
-    v = report["versions"]
-    lines = [
-        f"# {title} ({report['date']})",
-        "",
-        f"Machine: {m['cpu_model']} ({m['cpu_count']} cpus), {m.get('memory_gib')} GiB, GPUs: "
-        f"{', '.join(m['gpus']) or 'none'}; load average before/after: "
-        f"{_fmt_load(report['load_average']['before'])} / {_fmt_load(report['load_average']['after'])}.",
-        "Versions: " + ", ".join(f"{k} {v[k]}" for k in sorted(v) if k != "machine") + ".",
-        f"Threads {p['threads']}, tile {p['tile']}, halo {p['halo']}, batch {p['batch_size']}, "
-        f"{p['repeats']} timed runs after {p['warmup']} warm-up run(s), interleaved.",
-        "",
-        "| backend | precision | image | build s | p50 s | p90 s | p99 s | mean s | min s | tiles | "
-        "tile p50 s | throughput | network | non-network | objects |",
-        "| --- | --- | --- |" + " ---: |" * 12,
-    ]
-    info = {b["backend"]: b for b in report["backends"]}
-    for r in report["results"]:
-        b = info[r["backend"]]
-        lat, unit = r["latency_s"], r["unit"]
-        gf = r.get("network_gflops_per_s")
-        net = f"{r['network_throughput_per_s']:.2f} {unit}/s" + (f" ({gf:.0f} GFLOP/s)" if gf else "")
-        lines.append(
-            f"| {r['backend']} | {b['precision']} | {r['image']} | {b['build_seconds']:.2f} | "
-            f"{_fmt(lat['p50'])} | {_fmt(lat['p90'])} | {_fmt(lat['p99'])} | {_fmt(lat['mean'])} | "
-            f"{_fmt(lat['min'])} | {r['tiles']} ({r['computed_over_image']:.2f}x px) | "
-            f"{_fmt(r['per_tile_s']['p50'])} | {r['throughput_per_s']:.2f} {unit}/s | {net} | "
-            f"{r['non_network_fraction']['median']:.1%} | {r['objects']} |"
-        )
-    lines += ["", "Per-stage medians (seconds; `-` = not applicable):", ""]
-    lines.append("| backend | image | " + " | ".join(STAGES) + " |")
-    lines.append("| --- | --- |" + " ---: |" * len(STAGES))
-    for r in report["results"]:
-        lines.append(
-            f"| {r['backend']} | {r['image']} | " + " | ".join(_fmt(r["stages_s"][s]) for s in STAGES) + " |"
-        )
-    if report.get("ratios"):
-        lines += ["", "Speed relative to the first backend (median of per-round ratios [min, max]):", ""]
-        for q in report["ratios"]:
-            s = q["speedup_vs_reference"]
-            lines.append(
-                f"- {q['backend']} vs {q['reference']} on {q['image']}: {s['median']:.2f}x "
-                f"[{s['min']:.2f}, {s['max']:.2f}]"
-            )
-    if report.get("agreement"):
-        lines += ["", "Labels compared with the first backend:", ""]
-        for a in report["agreement"]:
-            lines.append(
-                f"- {a['backend']} vs {a['reference']} on {a['image']}: AP@0.5 {a['ap50']:.4f}, equal pixels "
-                f"{a['equal_pixels']:.4%} ({a['equal_pixels_renamed']:.4%} after renaming ids), "
-                f"identical {a['identical']}"
-            )
-    if report.get("skipped"):
-        gpu = next((s["gpu"] for s in report["skipped"] if s.get("gpu")), None)
-        lines += ["", "Skipped" + (f" (GPU backends: {gpu})" if gpu else "") + ":", ""]
-        grouped: dict[tuple[str, str], list[str]] = {}
-        for s in report["skipped"]:
-            grouped.setdefault((s["backend"], s["reason"]), []).append(Path(s["model"]).name)
-        lines += [f"- {b} ({', '.join(models)}): {reason}" for (b, reason), models in grouped.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _fmt_load(load: Sequence[float] | None) -> str:
-    return "n/a" if not load else ", ".join(f"{x:.2f}" for x in load)
-
-
-def plot_report(report: dict[str, Any], path: str | os.PathLike) -> Path | None:
-    """Stacked bars of the median stage times per backend and image; None without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    results = report["results"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results) + 2), 4.5))
-    names = [f"{r['backend']}\n{r['image'][:24]}" for r in results]
-    bottom = np.zeros(len(results))
-    for stage in STAGES:
-        values = np.array([r["stages_s"][stage] or 0.0 for r in results])
-        if values.any():
-            ax.bar(names, values, bottom=bottom, label=stage)
-            bottom += values
-    ax.set_ylabel("median seconds per image")
-    ax.set_title(f"embedseg-run bench, {report['machine']['cpu_model']}", fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
-    ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------

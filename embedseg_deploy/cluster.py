@@ -423,6 +423,25 @@ def on_gpu(raw: Any) -> bool:
     return hasattr(raw, "__cuda_array_interface__") or hasattr(raw, "copy_to_host")
 
 
+def _shape3(shape: Sequence[int]) -> np.ndarray:
+    """A 2D or 3D spatial shape as three axes (leading 1 in 2D), the kernels' view of it."""
+    shape3 = np.ones(3, np.int64)
+    shape3[3 - len(shape) :] = shape
+    return shape3
+
+
+def decode(raw: np.ndarray, spacing: Sequence[float], fg_thresh: float = 0.5) -> tuple[np.ndarray, ...]:
+    """The clustering's first step alone: (foreground pixels, their seediness, their embeddings (n, ndim;
+    dim 0 = x), per-dim bounds lo, hi). For profiling (``embedseg-run bench`` times it apart);
+    :func:`cluster` runs the same kernels."""
+    raw = np.asarray(raw)
+    check_raw_shape(raw.shape, spacing)
+    raw2 = np.ascontiguousarray(raw, dtype=F32).reshape(raw.shape[0], -1)
+    fg, seed = _foreground(raw2[-1], logit_floor(fg_thresh), F32(fg_thresh))
+    table = coordinate_table(raw.shape[1:], spacing, None)
+    return (fg, seed, *_embed(raw2, _shape3(raw.shape[1:]), table, fg))
+
+
 def cluster(
     raw: Any,
     spacing: Sequence[float],
@@ -469,9 +488,7 @@ def cluster(
 
     fg, seed = _foreground(raw2[-1], logit_floor(fg_thresh), F32(fg_thresh))
     if fg.size > min_mask_sum:
-        shape3 = np.ones(3, np.int64)
-        shape3[3 - ndim :] = shape
-        emb, lo, hi = _embed(raw2, shape3, table, fg)
+        emb, lo, hi = _embed(raw2, _shape3(shape), table, fg)
         order = candidate_order(seed, float(seed_thresh))
         sample = fg[order[:: max(1, order.size // RADIUS_SAMPLE)]]
         inv_h, ncell = grid_geometry(lo, hi, raw2[ndim : 2 * ndim, sample], fg.size)

@@ -17,11 +17,8 @@ The CLI (``embedseg-run``) is a thin layer over this module.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
-import platform
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,7 +29,6 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from .backends import Backend, create_backend
 from .contract import Contract, Thresholds, check_pixel_size
 from .io import (
@@ -49,6 +45,7 @@ from .io import (
     to_channels_first,
     write_tiff_atomic,
 )
+from .machine import versions
 from .memory import limit_heap_fragmentation
 from .normalize import normalize
 from .outputs import is_zarr_output, label_dtype, output_pixel_size, write_labels_file
@@ -440,21 +437,6 @@ def output_is_complete(output: Path, spatial: Sequence[int]) -> bool:
     except Exception:
         return False
     return True
-
-
-def versions(*extra: str) -> dict[str, str]:
-    """Versions of the libraries that shaped a result: the runtime's and ``extra`` modules where installed,
-    torch and tensorrt where loaded; plus the machine."""
-    out = {"embedseg_deploy": __version__, "python": platform.python_version()}
-    for name in ("numpy", "onnxruntime", "tifffile", "numba", "scipy", *extra, "tensorrt", "torch"):
-        mod = sys.modules.get(name)
-        if mod is None and name not in ("tensorrt", "torch"):
-            with contextlib.suppress(ImportError):
-                mod = importlib.import_module(name)
-        if mod is not None:
-            out[name] = str(getattr(mod, "__version__", "?"))
-    out["machine"] = f"{platform.system()} {platform.machine()} ({os.cpu_count()} cpus)"
-    return out
 
 
 STATUSES = ("ok", "skipped", "failed", "not run")
