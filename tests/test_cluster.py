@@ -276,3 +276,19 @@ def test_warm_up_and_runtime_import_without_torch() -> None:
     """
     done = run_without_torch(code)
     assert done.returncode == 0, done.stderr
+
+
+def test_decode_gives_the_foreground_and_embeddings_that_the_clustering_uses():
+    from embedseg_deploy.cluster import decode
+    from embedseg_deploy.synthetic import ideal_output
+
+    raw, labels = ideal_output((40, 52), 6, 4.0, spacing=1 / 255, rng=1)
+    fg, seed, emb, lo, hi = decode(raw, [1 / 255, 1 / 255], fg_thresh=0.5)
+    assert np.array_equal(np.sort(fg), np.flatnonzero(labels.ravel() > 0))
+    yy, xx = np.unravel_index(fg, labels.shape)
+    expected_x = np.tanh(raw[0].ravel()[fg].astype(np.float64)) + xx / 255
+    np.testing.assert_allclose(emb[:, 0], expected_x, atol=1e-6)
+    np.testing.assert_allclose(
+        emb[:, 1], np.tanh(raw[1].ravel()[fg].astype(np.float64)) + yy / 255, atol=1e-6
+    )
+    assert np.allclose(lo, emb.min(0)) and np.allclose(hi, emb.max(0)) and seed.size == fg.size
