@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import time
@@ -44,6 +45,7 @@ from .contract import Normalization, check_pixel_size
 from .io import (
     DiskFullError,
     InputError,
+    atomic_write_json,
     channel_axis_of,
     is_disk_full,
     temp_file_beside,
@@ -192,6 +194,53 @@ def _read_region(
     return data[(slice(None), *np.ix_(*local))]
 
 
+@dataclass(frozen=True)
+class BlockTask:
+    """One block of a plan, self-contained so that any process (a dask worker) can compute it."""
+
+    index: int
+    path: str
+    level: int
+    caxis: int | None
+    core: tuple[slice, ...]  # padded coordinates; cores partition the padded image
+    region: tuple[slice, ...]  # core plus halo, clipped: what the network sees
+    before: tuple[int, ...]  # padding before the image on each axis
+    spatial: tuple[int, ...]
+    stats: tuple[np.ndarray, np.ndarray] | None  # whole-image normalisation statistics
+
+    @property
+    def voxels(self) -> int:
+        return math.prod(min(s.stop, b + n) - max(s.start, b)
+                         for s, b, n in zip(self.core, self.before, self.spatial, strict=True))  # fmt: skip
+
+
+def segment_block(predictor: Predictor, task: BlockTask) -> tuple[tuple[slice, ...], np.ndarray, dict]:
+    """Labels of the objects whose seed lies in ``task``'s core: (image slices, labels 1..k over them,
+    timings). Reads, normalises, predicts and clusters the block's region as whole-image prediction
+    would (the region's rounding padding included), then crops to the image."""
+    c = predictor.contract
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    lazy = open_source(task.path, task.level)
+    x = _read_region(lazy, task.caxis, task.region, task.before, task.spatial)
+    t0 = _tick(timings, "read", t0)
+    x = apply_norm(x, c.normalization, task.stats, lazy.path)
+    t0 = _tick(timings, "normalize", t0)
+    raw = predictor.predict_raw(x)
+    del x
+    t0 = _tick(timings, "predict", t0)
+    inside, local = _inside(task.region, task.before, task.spatial)
+    labels, seeds = predictor.cluster(raw, [r.start for r in task.region], return_seeds=True)
+    del raw
+    starts, stops = [sl.start for sl in task.core], [sl.stop for sl in task.core]
+    kept = np.all((seeds >= starts) & (seeds < stops), axis=1)  # row k - 1 is label k's seed
+    lut = np.zeros(len(seeds) + 1, np.uint32)
+    lut[1:][kept] = np.arange(1, int(kept.sum()) + 1)
+    out = lut[labels[local]].astype(label_dtype(int(kept.sum())))
+    _tick(timings, "cluster", t0)
+    return inside, out, timings
+
+
 def predict_big(
     predictor: Predictor,
     input_path: str | os.PathLike,
@@ -203,12 +252,20 @@ def predict_big(
     provenance: dict[str, Any] | None = None,
     memory_budget: int | str | None = None,
     level: int = 0,
+    executor: Any = None,
+    resume: bool = True,
 ) -> BigResult:
     """Segment ``input_path`` block by block into ``output_path`` (written atomically, with
     ``provenance`` in its tags); ``progress(done, total)`` after each block. Without ``block``, the
     blocks fit ``memory_budget`` (as ``--memory-budget``: bytes, "6G", "40%"; default half the available
     memory). An OME-Zarr input is read at pyramid ``level``; an output path ending in ``.zarr`` gets an
-    OME-Zarr label image instead of a TIFF."""
+    OME-Zarr label image instead of a TIFF.
+
+    ``executor`` (:class:`embedseg_deploy.dask_run.DaskExecutor`) computes the blocks on a dask cluster;
+    they are written here in plan order, so the labels equal a single-process run's. Finished blocks are
+    journaled beside the output: a killed run, started again with the same settings, goes on at the
+    first unfinished block (``resume=False`` starts afresh).
+    """
     c = predictor.contract
     m = c.tile_multiple
     lazy = open_source(input_path, level)
@@ -241,61 +298,131 @@ def predict_big(
     t0 = time.perf_counter()
     stats = norm_stats(lazy, caxis if c.normalization.per_channel else None, c.normalization)
     t0 = _tick(timings, "statistics", t0)
-    before = [b for b, _ in pad_widths(spatial, m, c.padding)]
+    before = tuple(b for b, _ in pad_widths(spatial, m, c.padding))
     plan = plan_blocks(spatial, block_v, halo_v, m, c.padding)
+    tasks = [
+        BlockTask(i, str(lazy.path), level, caxis, core, region, before, spatial, stats)
+        for i, (core, region) in enumerate(plan)
+    ]
     px = output_pixel_size(lazy.pixel_size, c.ndim)
-    tmp32 = temp_file_beside(output_path, "u32.tmp")
-    next_id = 0
+    key = {
+        "input": str(source),
+        "level": level,
+        "shape": list(spatial),
+        "block": list(block_v),
+        "block_halo": list(halo_v),
+        "statistics": None if stats is None else [np.asarray(s).tolist() for s in stats],
+        "settings": provenance,
+    }
+    partial = PartialLabels(output_path, spatial, px, provenance, key, resume)
     try:
-        _create_memmap(tmp32, spatial, np.uint32, px, provenance)
-        for done, (core, region) in enumerate(plan, 1):
-            x = _read_region(lazy, caxis, region, before, spatial)
-            t0 = _tick(timings, "read", t0)
-            x = apply_norm(x, c.normalization, stats, lazy.path)
-            t0 = _tick(timings, "normalize", t0)
-            raw = predictor.predict_raw(x)
-            t0 = _tick(timings, "predict", t0)
-            # cluster the whole region, rounding padding included, as whole-image prediction does
-            # (a seed in the padding may start an object reaching into the image); crop afterwards
-            inside, local = _inside(region, before, spatial)
-            labels, seeds = predictor.cluster(raw, [r.start for r in region], return_seeds=True)
-            labels = labels[local]
-            del raw, x
-            # keep the objects whose seed (row k - 1 for label k, padded coordinates) is in this core
-            starts, stops = [sl.start for sl in core], [sl.stop for sl in core]
-            kept = np.all((seeds >= starts) & (seeds < stops), axis=1)
-            lut = np.zeros(len(seeds) + 1, np.int32)
-            lut[1:][kept] = np.arange(1, int(kept.sum()) + 1)
-            t0 = _tick(timings, "cluster", t0)
-            next_id += _write_block(tmp32, lut[labels], inside, next_id)
+        todo = tasks[partial.blocks_done :]
+        results = executor.ordered(segment_block, todo) if executor else (
+            segment_block(predictor, t) for t in todo)  # fmt: skip
+        for task, (inside, labels, block_timings) in zip(todo, results, strict=True):
+            for k, v in block_timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+            t0 = time.perf_counter()
+            partial.write(task.index, inside, labels)
             t0 = _tick(timings, "write", t0)
             if progress is not None:
-                progress(done, len(plan))
-        dtype = label_dtype(next_id)
-        if is_zarr_output(output_path):
-            _to_zarr(tmp32, output_path, spatial, dtype, px, provenance, lazy.path)
-            os.unlink(tmp32)
-        else:
-            if dtype != np.uint32:
-                tmp16 = temp_file_beside(output_path, "u16.tmp")
-                try:
-                    _convert(tmp32, tmp16, spatial, dtype, px, provenance)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp16)
-                    raise
-                os.unlink(tmp32)
-                tmp32 = tmp16
-            os.replace(tmp32, output_path)
+                progress(task.index + 1, len(plan))
+        partial.finish(output_path, lazy.path)
         _tick(timings, "write", t0)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp32)
+        partial.close()
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):
             raise DiskFullError(output_path) from None
         raise
-    dtype = np.dtype(label_dtype(next_id))
-    return BigResult(next_id, spatial, dtype, len(plan), timings, notes, lazy.pixel_size)
+    dtype = np.dtype(label_dtype(partial.next_id))
+    result = BigResult(partial.next_id, spatial, dtype, len(plan), timings, notes, lazy.pixel_size)
+    if partial.resumed_at:
+        result.warnings.append(
+            f"{lazy.path}: resumed an interrupted run; {partial.resumed_at} of {len(plan)} blocks were done"
+        )
+    return result
+
+
+class PartialLabels:
+    """The label image while blocks arrive: a uint32 memory-mapped TIFF beside the output and a journal
+    of finished blocks (``.<name>.partial.tif``, ``.<name>.partial.json``).
+
+    The journal is rewritten atomically after each block's pixels are in the map, so it never claims a
+    block that is not there. Blocks are written in plan order and take the next ids; when a run resumes,
+    the ids above the journal's last id are what the interrupted block had begun to write, and are
+    cleared before that block is done again. Any difference in ``key`` (input, plan, label settings)
+    discards the partial image.
+    """
+
+    def __init__(
+        self,
+        output: Path,
+        spatial: Sequence[int],
+        pixel_size: Sequence[float] | None,
+        provenance: dict[str, Any] | None,
+        key: dict[str, Any],
+        resume: bool = True,
+    ):
+        self.spatial, self.pixel_size, self.provenance, self.key = tuple(spatial), pixel_size, provenance, key
+        self.path = output.with_name(f".{output.name}.partial.tif")
+        self.journal = output.with_name(f".{output.name}.partial.json")
+        self.blocks_done = self.next_id = self.resumed_at = 0
+        state = self._load() if resume else None
+        if state is None:
+            self.close(remove=True)
+            _create_memmap(self.path, self.spatial, np.uint32, pixel_size, provenance)
+            self._save()
+        else:
+            self.blocks_done = self.resumed_at = state["blocks_done"]
+            self.next_id = state["next_id"]
+
+    def _load(self) -> dict[str, Any] | None:
+        try:
+            state = json.loads(self.journal.read_text())
+            mm = tifffile.memmap(self.path, mode="r")
+            ok = tuple(mm.shape) == self.spatial and mm.dtype == np.uint32
+            del mm
+        except (OSError, ValueError):
+            return None
+        return state if ok and state.get("key") == json.loads(json.dumps(self.key, default=str)) else None
+
+    def _save(self) -> None:
+        state = {"key": self.key, "blocks_done": self.blocks_done, "next_id": self.next_id}
+        atomic_write_json(self.journal, state)
+
+    def write(self, index: int, inside: Sequence[slice], labels: np.ndarray) -> None:
+        """Add block ``index``'s objects (ids 1..k over the image slices ``inside``) with new ids."""
+        if index != self.blocks_done:
+            raise ValueError(f"block {index} written out of order (next is {self.blocks_done})")
+        # ids above the journaled ones can only be an interrupted write of this block: cleared first
+        self.next_id += _write_block(self.path, labels, inside, self.next_id, clear_above=self.next_id)
+        self.blocks_done += 1
+        self._save()
+
+    def finish(self, output: Path, image: Path) -> None:
+        """Move the finished image to ``output`` (a TIFF of the smallest label dtype, or OME-Zarr)."""
+        dtype = label_dtype(self.next_id)
+        if is_zarr_output(output):
+            _to_zarr(self.path, output, self.spatial, dtype, self.pixel_size, self.provenance, image)
+        elif dtype == np.uint32:
+            os.replace(self.path, output)
+        else:
+            tmp = temp_file_beside(output, "tmp")
+            try:
+                _convert(self.path, tmp, self.spatial, dtype, self.pixel_size, self.provenance)
+                os.replace(tmp, output)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+        self.close(remove=True)
+
+    def close(self, remove: bool = False) -> None:
+        """Leave the partial image for a resume, or (``remove``) delete it."""
+        if remove:
+            for p in (self.journal, self.path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
 
 
 def _tick(timings: dict[str, float], key: str, since: float) -> float:
@@ -345,22 +472,27 @@ def _inside(
     return inside, local
 
 
-def _write_block(path: Path, new: np.ndarray, inside: Sequence[slice], next_id: int) -> int:
+def _write_block(
+    path: Path, new: np.ndarray, inside: Sequence[slice], next_id: int, clear_above: int | None = None
+) -> int:
     """Write the objects of ``new`` (ids 1..k over the image slices ``inside``) as ``next_id + 1, ...``.
 
     Pixels already owned by an earlier block are kept. An object more than half of whose pixels are already
     owned is the same object seen again (its seed moved across a block border by a last-bit difference or
-    a tie): it is dropped, so no object is counted twice. Returns the number of new ids.
+    a tie): it is dropped, so no object is counted twice. Ids above ``clear_above`` (left by an interrupted
+    write of this block) are cleared first. Returns the number of new ids.
     """
     inside = tuple(inside)
     k = int(new.max()) if new.size else 0
-    if k == 0:
+    if k == 0 and clear_above is None:
         return 0
     mm = tifffile.memmap(path, mode="r+")
     try:
         out = np.array(mm[inside])
-        total = np.bincount(new.ravel(), minlength=k + 1)
-        taken = np.bincount(new[out > 0], minlength=k + 1)
+        if clear_above is not None:
+            out[out > clear_above] = 0
+        total = np.bincount(new.ravel().astype(np.intp), minlength=k + 1)
+        taken = np.bincount(new[out > 0].astype(np.intp), minlength=k + 1)
         survive = (total > 0) & (2 * taken <= total)
         survive[0] = False
         ids = np.zeros(k + 1, np.uint32)

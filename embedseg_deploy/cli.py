@@ -207,6 +207,21 @@ def main() -> None:
 @click.option(
     "--overwrite", is_flag=True, help="Redo files whose outputs exist (default: skip them, resume)."
 )
+@click.option(
+    "--dask",
+    "dask_address",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on dask.distributed: a local cluster of worker processes, or the scheduler at ADDRESS.",
+)
+@click.option(
+    "--dask-workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes of the local dask cluster [half the CPU cores, at least 2].",
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def predict(
     model: Path,
@@ -232,15 +247,20 @@ def predict(
     block_halo: str | None,
     engine_cache: Path | None,
     overwrite: bool,
+    dask_address: str | None,
+    dask_workers: int | None,
     quiet: bool,
 ) -> None:
     """Segment INPUT files, folders or globs with MODEL (.onnx, .engine or a .pth checkpoint).
 
     INPUT may be TIFF files or OME-Zarr images (NGFF 0.4/0.5 stores). Outputs go to OUT_DIR/<name>.tif
     (OUT_DIR/<name>.ome.zarr label images for OME-Zarr inputs) with a summary.json that grows as files
-    finish. Rerunning the same command resumes: outputs made with the same model and settings are skipped.
+    finish. Rerunning the same command resumes: outputs made with the same model and settings are skipped,
+    and a big image interrupted in block mode goes on at its first unfinished block.
+    With --dask, files (whole-image) or blocks (big images) are tasks on a dask cluster; the labels are
+    the same as without it, and --memory-budget is per worker.
     """
-    from .memory import parse_budget
+    from .memory import Budget, parse_budget
     from .predict import (
         PixelSizeWarning,
         Predictor,
@@ -306,6 +326,20 @@ def predict(
             err=True,
         )
     warm.join()
+    executor = None
+    if dask_address is not None:
+        from .dask_run import DaskExecutor
+
+        try:
+            executor = DaskExecutor(
+                predictor, None if dask_address == "local" else dask_address, dask_workers, threads
+            )
+        except (ImportError, OSError, TimeoutError, ValueError) as exc:
+            _fail(f"--dask: {exc}")
+        if memory_budget is None:
+            budget = Budget(executor.worker_budget(), "default: half a worker's memory")
+        if not quiet:
+            click.echo(f"{executor.describe()}; memory budget per worker {budget}", err=True)
     console = ConsoleReporter(quiet)
 
     # tifffile's parse warnings repeat our per-file messages; keep them off the terminal (a NullHandler,
@@ -325,11 +359,15 @@ def predict(
             memory_budget=budget.bytes,
             level=level,
             reporter=console.reporter(),
+            executor=executor,
         )
     except InputError as exc:
         _fail(str(exc))
     except DiskFullError as exc:
         _fail(f"{exc}; the finished outputs are kept: free some space and run the same command to resume", 1)
+    finally:
+        if executor is not None:
+            executor.close()
     counts = summary["counts"]
     line = (
         f"{counts['ok']} segmented, {counts['skipped']} skipped (done before), {counts['failed']} failed; "

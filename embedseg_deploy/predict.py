@@ -131,6 +131,7 @@ class Predictor:
     ):
         t0 = time.perf_counter()
         limit_heap_fragmentation()
+        self.threads = threads
         if threads:
             _set_numba_threads(threads)
         self.backend = (
@@ -169,6 +170,26 @@ class Predictor:
         check_thresholds(self.thresholds)
         self.progress = progress
         self._sha256: str | None = None
+        self._engine_cache = engine_cache
+
+    def spec(self, threads: int | None = None) -> dict[str, Any]:
+        """Arguments that make the same predictor in another process (a dask worker): the backend as
+        resolved here, the tile and halo as decided here; ``threads`` for that process."""
+        path = self.backend.model_path
+        if path is None:
+            raise ValueError("a predictor built from a backend object cannot be recreated elsewhere")
+        return {
+            "model": str(Path(path).resolve()),
+            "backend": self.backend.name,
+            "device": self.backend.device,
+            "tile": self.tile or 0,
+            "halo": self.halo,
+            "tta": self.tta,
+            "batch_size": self.batch_size,
+            "threads": threads or self.threads,
+            "engine_cache": None if self._engine_cache is None else str(self._engine_cache),
+            "thresholds": dict(self.thresholds),
+        }
 
     @property
     def model_sha256(self) -> str | None:
@@ -488,6 +509,7 @@ def predict_files(
     on_file: Callable[[dict[str, Any], int, int], None] | None = None,
     reporter: Reporter | None = None,
     summary_name: str | None = SUMMARY_NAME,
+    executor: Any = None,
 ) -> dict[str, Any]:
     """Segment many images; one failing file never stops the others (a full disk stops the run).
 
@@ -500,7 +522,9 @@ def predict_files(
     whole-image and block mode per file and sizes the blocks; ``block`` forces block mode with that core
     size (:mod:`embedseg_deploy.bigimage`). OME-Zarr inputs are read at pyramid ``level`` (default 0, full
     resolution) and get ``out_dir/<stem>.ome.zarr`` label images. ``reporter`` hears about each file
-    before, during and after it; ``on_file(record, done, total)`` after each file. Returns the run
+    before, during and after it; ``on_file(record, done, total)`` after each file. ``executor``
+    (:class:`embedseg_deploy.dask_run.DaskExecutor`) runs whole-image files as tasks on a dask cluster
+    and spreads block-mode files' blocks over it; ``memory_budget`` is then per worker. Returns the run
     summary, also written to ``out_dir/summary.json`` as the run goes; ``summary['failed']`` counts failures.
     """
     from .memory import parse_budget
@@ -542,30 +566,81 @@ def predict_files(
             "files": rows,
         }
 
-    for i, job in enumerate(jobs, 1):
-        record = process_job(
-            predictor, job, save_seeds, overwrite, channel_axis, block, block_halo, budget.bytes, reporter, i,
-            len(jobs), level,
-        )  # fmt: skip
+    def finished(record: dict[str, Any], i: int) -> None:
+        nonlocal stopped, last_write
         records.append(record)
         if record.pop("disk_full", False):
             stopped = record["error"]
         if reporter.end is not None:
             reporter.end(record, i, len(jobs))
         if on_file is not None:
-            on_file(record, i, len(jobs))
-        if summary_name and (time.time() - last_write >= SUMMARY_EVERY_S or i == len(jobs) or stopped):
+            on_file(record, len(records), len(jobs))
+        last = len(records) == len(jobs)
+        if summary_name and (time.time() - last_write >= SUMMARY_EVERY_S or last or stopped):
             try:
                 atomic_write_json(out_dir / summary_name, summary())
             except DiskFullError as exc:
                 stopped = stopped or f"{out_dir / summary_name}: cannot write the summary: {exc}"
             last_write = time.time()
+
+    # on a dask cluster, whole-image files are tasks (a few per worker in flight); block-mode files are
+    # run from here with their blocks spread over the workers
+    in_flight: list[tuple[Any, int]] = []
+
+    def collect(wait_for: int) -> None:
+        """Report the files that workers finished, waiting until at most ``wait_for`` are in flight."""
+        while in_flight and (len(in_flight) > wait_for or in_flight[0][0].done()):
+            future, i = in_flight.pop(0)
+            finished(future.result(), i)
+
+    args = (save_seeds, overwrite, channel_axis, block, block_halo, budget.bytes)
+    for i, job in enumerate(jobs, 1):
+        if executor is not None and job.error is None:
+            plan = _plan_job(predictor, job, channel_axis, level, block, block_halo, budget.bytes)
+            if plan is not None and plan.mode == "whole image":
+                if reporter.start is not None:
+                    reporter.start(job.input, plan, i, len(jobs))
+                in_flight.append((executor.submit(_file_task, (job, *args, level)), i))
+                collect(wait_for=2 * executor.workers)
+                if stopped:
+                    break
+                continue
+        record = process_job(predictor, job, *args, reporter, i, len(jobs), level, executor)
+        finished(record, i)
+        collect(wait_for=2 * executor.workers if executor is not None else 0)
         if stopped:
             break
+    if not stopped:
+        collect(wait_for=0)
     result = summary()
     if summary_name and not stopped:
         atomic_write_json(out_dir / summary_name, result)
     return result
+
+
+def _plan_job(
+    predictor: Predictor,
+    job: Job,
+    channel_axis: int | None,
+    level: int,
+    block: int | Sequence[int] | None,
+    block_halo: int | Sequence[int] | None,
+    budget: int | None,
+) -> FilePlan | None:
+    """The job's plan from its header, or None when the header cannot be read (the run reports why)."""
+    header = _header(job.input, predictor.contract, channel_axis, level)
+    try:
+        return plan_file(predictor, header, block, block_halo, budget) if header is not None else None
+    except ValueError:
+        return None
+
+
+def _file_task(predictor: Predictor, args: tuple) -> dict[str, Any]:
+    """One whole file on a dask worker (:func:`process_job` with the worker's predictor)."""
+    job, save_seeds, overwrite, channel_axis, block, block_halo, budget, level = args
+    return process_job(
+        predictor, job, save_seeds, overwrite, channel_axis, block, block_halo, budget, level=level
+    )
 
 
 def refuse_output_among_inputs(inputs: Sequence[str | os.PathLike], out_dir: Path) -> None:
@@ -611,9 +686,10 @@ def process_job(
     index: int = 1,
     total: int = 1,
     level: int = 0,
+    executor: Any = None,
 ) -> dict[str, Any]:
     """Run one file; every expected failure becomes ``status='failed'`` with the reason (a full disk also
-    sets ``disk_full``)."""
+    sets ``disk_full``). ``executor`` spreads a block-mode file's blocks over a dask cluster."""
     record: dict[str, Any] = {"input": str(job.input), "output": str(job.output) if job.output else None}
     if job.error:
         return {**record, "status": "failed", "error": job.error}
@@ -643,7 +719,7 @@ def process_job(
             big = predict_big(
                 predictor, job.input, job.output, plan.block, block_halo, channel_axis=channel_axis,
                 progress=reporter.step and (lambda d, n: reporter.step(d, n, "blocks")), provenance=settings,
-                level=level,
+                level=level, executor=executor, resume=not overwrite,
             )  # fmt: skip
             timings = {**big.timings, "total": time.perf_counter() - t0}
             return {
