@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import threading
 import time
@@ -79,6 +80,7 @@ class ConsoleReporter:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.failed: list[str] = []
         self.t0 = self.last = 0.0
+        self.voxels = 0
 
     def reporter(self) -> Any:
         from .predict import Reporter
@@ -92,6 +94,7 @@ class ConsoleReporter:
 
     def start(self, path: Path, plan: Any, index: int, total: int) -> None:
         self.t0 = self.last = time.perf_counter()
+        self.voxels = math.prod(plan.spatial)
         self._echo(f"[{index}/{total}] {path.name}: {plan.describe()}")
 
     def step(self, done: int, total: int, unit: str) -> None:
@@ -100,10 +103,12 @@ class ConsoleReporter:
             return
         self.last = now
         elapsed = now - self.t0
-        rate = elapsed / max(done, 1)
+        each = elapsed / max(done, 1)
         line = (
-            f"  {done}/{total} {unit}, {elapsed:.0f} s, {rate:.1f} s each, ETA {rate * (total - done):.0f} s"
+            f"  {done}/{total} {unit}, {elapsed:.0f} s, {each:.1f} s each, ETA {each * (total - done):.0f} s"
         )
+        if unit == "blocks":  # blocks are nearly equal parts of the image
+            line += f", {self.voxels * done / total / max(elapsed, 1e-9) / 1e6:.2f} MVoxel/s"
         if self.tty:
             self._echo("\r" + line.ljust(78), nl=done >= total)
         else:
