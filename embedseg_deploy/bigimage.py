@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from .ngff import write_labels
 from .normalize import percentiles_from_histogram, scale
 from .outputs import is_zarr_output, label_dtype, output_pixel_size
 from .sources import ImageSource, open_source
-from .tiling import pad_widths, per_axis, reflect_indices, round_up
+from .tiling import balanced_tile, pad_widths, per_axis, plan_tiles, reflect_indices, round_up
 
 if TYPE_CHECKING:
     from .predict import Predictor
@@ -73,6 +74,7 @@ class BigResult:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     pixel_size: tuple[float, ...] | None = None
+    network_tiles: int = 0  # tiles of the one network pass over the whole image (0: per block)
 
 
 def _chunks(lazy: ImageSource) -> list[tuple[slice, ...]]:
@@ -207,28 +209,61 @@ class BlockTask:
     before: tuple[int, ...]  # padding before the image on each axis
     spatial: tuple[int, ...]
     stats: tuple[np.ndarray, np.ndarray] | None  # whole-image normalisation statistics
-
-    @property
-    def voxels(self) -> int:
-        return math.prod(min(s.stop, b + n) - max(s.start, b)
-                         for s, b, n in zip(self.core, self.before, self.spatial, strict=True))  # fmt: skip
+    raw: str | None = None  # the network output of the whole padded image (.npy), when computed once
 
 
-def segment_block(predictor: Predictor, task: BlockTask) -> tuple[tuple[slice, ...], np.ndarray, dict]:
-    """Labels of the objects whose seed lies in ``task``'s core: (image slices, labels 1..k over them,
-    timings). Reads, normalises, predicts and clusters the block's region as whole-image prediction
-    would (the region's rounding padding included), then crops to the image."""
-    c = predictor.contract
+@dataclass(frozen=True)
+class NetworkTask:
+    """One network tile of the whole padded image (the tiling of whole-image prediction)."""
+
+    index: int
+    path: str
+    level: int
+    caxis: int | None
+    region: tuple[slice, ...]  # the tile's input, padded coordinates
+    core: tuple[slice, ...]  # the kept part of its output, tile coordinates
+    dest: tuple[slice, ...]  # where that part goes, padded coordinates
+    before: tuple[int, ...]
+    spatial: tuple[int, ...]
+    stats: tuple[np.ndarray, np.ndarray] | None
+
+
+def network_tile(predictor: Predictor, task: NetworkTask) -> tuple[tuple[slice, ...], np.ndarray, dict]:
+    """The network output of one tile's core: (padded-image slices, raw (C, *core), timings)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     lazy = open_source(task.path, task.level)
     x = _read_region(lazy, task.caxis, task.region, task.before, task.spatial)
     t0 = _tick(timings, "read", t0)
-    x = apply_norm(x, c.normalization, task.stats, lazy.path)
+    x = apply_norm(x, predictor.contract.normalization, task.stats, lazy.path)
     t0 = _tick(timings, "normalize", t0)
-    raw = predictor.predict_raw(x)
-    del x
-    t0 = _tick(timings, "predict", t0)
+    raw = np.asarray(predictor.backend.run(np.ascontiguousarray(x[np.newaxis], np.float32)))
+    _tick(timings, "predict", t0)
+    return task.dest, np.ascontiguousarray(raw[(0, slice(None), *task.core)]), timings
+
+
+def segment_block(predictor: Predictor, task: BlockTask) -> tuple[tuple[slice, ...], np.ndarray, dict]:
+    """Labels of the objects whose seed lies in ``task``'s core: (image slices, labels 1..k over them,
+    timings). Clusters the network output of the block's region, rounding padding included, as
+    whole-image prediction does, then crops to the image. The output is read from ``task.raw`` when the
+    network ran once over the whole image, else computed here from the region's input."""
+    c = predictor.contract
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if task.raw is not None:
+        mm = np.load(task.raw, mmap_mode="r")
+        raw = np.array(mm[(slice(None), *task.region)])
+        del mm
+        t0 = _tick(timings, "read", t0)
+    else:
+        lazy = open_source(task.path, task.level)
+        x = _read_region(lazy, task.caxis, task.region, task.before, task.spatial)
+        t0 = _tick(timings, "read", t0)
+        x = apply_norm(x, c.normalization, task.stats, lazy.path)
+        t0 = _tick(timings, "normalize", t0)
+        raw = predictor.predict_raw(x)
+        del x
+        t0 = _tick(timings, "predict", t0)
     inside, local = _inside(task.region, task.before, task.spatial)
     labels, seeds = predictor.cluster(raw, [r.start for r in task.region], return_seeds=True)
     del raw
@@ -254,6 +289,7 @@ def predict_big(
     level: int = 0,
     executor: Any = None,
     resume: bool = True,
+    network_once: bool | None = None,
 ) -> BigResult:
     """Segment ``input_path`` block by block into ``output_path`` (written atomically, with
     ``provenance`` in its tags); ``progress(done, total)`` after each block. Without ``block``, the
@@ -261,10 +297,17 @@ def predict_big(
     memory). An OME-Zarr input is read at pyramid ``level``; an output path ending in ``.zarr`` gets an
     OME-Zarr label image instead of a TIFF.
 
-    ``executor`` (:class:`embedseg_deploy.dask_run.DaskExecutor`) computes the blocks on a dask cluster;
-    they are written here in plan order, so the labels equal a single-process run's. Finished blocks are
-    journaled beside the output: a killed run, started again with the same settings, goes on at the
-    first unfinished block (``resume=False`` starts afresh).
+    The network runs once over the whole image, tiled as in whole-image prediction, and its output is
+    kept on disk beside the output (20 B/px in 2D, 28 B/voxel in 3D); the blocks then cluster it, each
+    with ``block_halo`` of context. So the network work is that of whole-image mode, not that of every
+    block's region. ``network_once=False`` (or test-time augmentation, ``tile=0``, or too little free
+    disk) runs the network per block instead, on the block plus its halo.
+
+    ``executor`` (:class:`embedseg_deploy.dask_run.DaskExecutor`) computes tiles and blocks on a dask
+    cluster; they are written here in plan order, so the labels equal a single-process run's. Finished
+    steps are journaled beside the output: a killed run, started again with the same settings, goes on at
+    the first unfinished one (``resume=False`` starts afresh). ``progress(done, total)`` counts network
+    tiles and then blocks.
     """
     c = predictor.contract
     m = c.tile_multiple
@@ -300,10 +343,17 @@ def predict_big(
     t0 = _tick(timings, "statistics", t0)
     before = tuple(b for b, _ in pad_widths(spatial, m, c.padding))
     plan = plan_blocks(spatial, block_v, halo_v, m, c.padding)
-    tasks = [
-        BlockTask(i, str(lazy.path), level, caxis, core, region, before, spatial, stats)
-        for i, (core, region) in enumerate(plan)
-    ]
+    raw_shape = (c.out_channels, *padded)
+    once, why = _network_once(predictor, network_once, output_path, raw_shape, len(plan))
+    if why:
+        notes.append(f"{lazy.path}: {why}")
+    tiles = []
+    if once:
+        tile = balanced_tile(spatial, predictor.tile, predictor.halo, m, c.padding)
+        for i, t in enumerate(plan_tiles(spatial, tile, predictor.halo, m, c.padding, crop=False)):
+            region = tuple(slice(o + b, o + b + n) for o, b, n in zip(t.origin, before, t.shape, strict=True))
+            tiles.append(NetworkTask(i, str(lazy.path), level, caxis, region, t.core, t.dest, before, spatial,
+                                     stats))  # fmt: skip
     px = output_pixel_size(lazy.pixel_size, c.ndim)
     key = {
         "input": str(source),
@@ -311,22 +361,42 @@ def predict_big(
         "shape": list(spatial),
         "block": list(block_v),
         "block_halo": list(halo_v),
+        "network_tiles": len(tiles),
         "statistics": None if stats is None else [np.asarray(s).tolist() for s in stats],
         "settings": provenance,
     }
-    partial = PartialLabels(output_path, spatial, px, provenance, key, resume)
+    partial = PartialLabels(output_path, spatial, px, provenance, key, resume, raw_shape if once else None)
+    raw = None if partial.raw is None else str(partial.raw)
+    blocks = [
+        BlockTask(i, str(lazy.path), level, caxis, core, region, before, spatial, stats, raw)
+        for i, (core, region) in enumerate(plan)
+    ]
+    total = len(tiles) + len(blocks)
+
+    def run(fn: Any, todo: list) -> Any:
+        return executor.ordered(fn, todo) if executor else (fn(predictor, t) for t in todo)
+
+    def add(step_timings: dict[str, float]) -> None:
+        for k, v in step_timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+
     try:
-        todo = tasks[partial.blocks_done :]
-        results = executor.ordered(segment_block, todo) if executor else (
-            segment_block(predictor, t) for t in todo)  # fmt: skip
-        for task, (inside, labels, block_timings) in zip(todo, results, strict=True):
-            for k, v in block_timings.items():
-                timings[k] = timings.get(k, 0.0) + v
+        todo = tiles[partial.tiles_done :]
+        for task, (dest, out, step) in zip(todo, run(network_tile, todo), strict=True):
+            add(step)
+            t0 = time.perf_counter()
+            partial.write_tile(task.index, dest, out)
+            t0 = _tick(timings, "write", t0)
+            if progress is not None:
+                progress(task.index + 1, total)
+        todo = blocks[partial.blocks_done :]
+        for task, (inside, labels, step) in zip(todo, run(segment_block, todo), strict=True):
+            add(step)
             t0 = time.perf_counter()
             partial.write(task.index, inside, labels)
             t0 = _tick(timings, "write", t0)
             if progress is not None:
-                progress(task.index + 1, len(plan))
+                progress(len(tiles) + task.index + 1, total)
         partial.finish(output_path, lazy.path)
         _tick(timings, "write", t0)
     except BaseException as exc:
@@ -335,23 +405,48 @@ def predict_big(
             raise DiskFullError(output_path) from None
         raise
     dtype = np.dtype(label_dtype(partial.next_id))
-    result = BigResult(partial.next_id, spatial, dtype, len(plan), timings, notes, lazy.pixel_size)
-    if partial.resumed_at:
+    result = BigResult(partial.next_id, spatial, dtype, len(plan), timings, notes, lazy.pixel_size,
+                       len(tiles))  # fmt: skip
+    if partial.resumed:
         result.warnings.append(
-            f"{lazy.path}: resumed an interrupted run; {partial.resumed_at} of {len(plan)} blocks were done"
+            f"{lazy.path}: resumed an interrupted run; {partial.resumed} of {total} steps were done"
         )
     return result
 
 
-class PartialLabels:
-    """The label image while blocks arrive: a uint32 memory-mapped TIFF beside the output and a journal
-    of finished blocks (``.<name>.partial.tif``, ``.<name>.partial.json``).
+def _network_once(
+    predictor: Predictor, wanted: bool | None, output: Path, raw_shape: Sequence[int], blocks: int
+) -> tuple[bool, str]:
+    """Whether the network runs once over the whole image (its output kept on disk beside the output,
+    then clustered block by block), and a note when it cannot although that was wanted or the default."""
+    if wanted is False or blocks == 1:
+        return False, ""
+    if predictor.tta or predictor.tile is None:
+        why = "test-time augmentation" if predictor.tta else "whole-image tiles (tile 0)"
+        return False, f"the network runs per block (its halo computed again) with {why}" if wanted else ""
+    need = 4 * math.prod(raw_shape)
+    try:
+        free = shutil.disk_usage(output.parent).free
+    except OSError:
+        free = 0
+    if need > free // 2:
+        return False, (
+            f"the network runs per block (its halo computed again): its output for the whole image "
+            f"({memory.format_bytes(need)}) would take more than half the free space beside the output"
+        )
+    return True, ""
 
-    The journal is rewritten atomically after each block's pixels are in the map, so it never claims a
-    block that is not there. Blocks are written in plan order and take the next ids; when a run resumes,
-    the ids above the journal's last id are what the interrupted block had begun to write, and are
-    cleared before that block is done again. Any difference in ``key`` (input, plan, label settings)
-    discards the partial image.
+
+class PartialLabels:
+    """The label image while tiles and blocks arrive, kept beside the output for a resume.
+
+    ``.<name>.partial.tif`` is the uint32 label image (memory-mapped), ``.<name>.partial.raw.npy`` the
+    network output of the whole padded image when the network runs once, and ``.<name>.partial.json``
+    the journal of finished steps. The journal is rewritten atomically after each step's data are in the
+    map, so it never claims one that is not there. A network tile written again gives the same values.
+    Blocks are written in plan order and take the next ids; when a run resumes, the ids above the
+    journal's last id are what an interrupted block had begun to write, and are cleared before that block
+    is done again. Any difference in ``key`` (input, plan, label settings) discards the partial image.
     """
 
     def __init__(
@@ -362,19 +457,25 @@ class PartialLabels:
         provenance: dict[str, Any] | None,
         key: dict[str, Any],
         resume: bool = True,
+        raw_shape: Sequence[int] | None = None,
     ):
         self.spatial, self.pixel_size, self.provenance, self.key = tuple(spatial), pixel_size, provenance, key
         self.path = output.with_name(f".{output.name}.partial.tif")
         self.journal = output.with_name(f".{output.name}.partial.json")
-        self.blocks_done = self.next_id = self.resumed_at = 0
+        self.raw = output.with_name(f".{output.name}.partial.raw.npy") if raw_shape else None
+        self.raw_shape = tuple(raw_shape) if raw_shape else None
+        self.tiles_done = self.blocks_done = self.next_id = self.resumed = 0
         state = self._load() if resume else None
         if state is None:
             self.close(remove=True)
             _create_memmap(self.path, self.spatial, np.uint32, pixel_size, provenance)
+            if self.raw is not None:
+                _create_npy(self.raw, self.raw_shape)
             self._save()
         else:
-            self.blocks_done = self.resumed_at = state["blocks_done"]
+            self.tiles_done, self.blocks_done = state["tiles_done"], state["blocks_done"]
             self.next_id = state["next_id"]
+            self.resumed = self.tiles_done + self.blocks_done
 
     def _load(self) -> dict[str, Any] | None:
         try:
@@ -382,13 +483,35 @@ class PartialLabels:
             mm = tifffile.memmap(self.path, mode="r")
             ok = tuple(mm.shape) == self.spatial and mm.dtype == np.uint32
             del mm
+            if self.raw is not None:
+                raw = np.load(self.raw, mmap_mode="r")
+                ok = ok and raw.shape == self.raw_shape and raw.dtype == np.float32
+                del raw
         except (OSError, ValueError):
             return None
         return state if ok and state.get("key") == json.loads(json.dumps(self.key, default=str)) else None
 
     def _save(self) -> None:
-        state = {"key": self.key, "blocks_done": self.blocks_done, "next_id": self.next_id}
+        state = {
+            "key": self.key,
+            "tiles_done": self.tiles_done,
+            "blocks_done": self.blocks_done,
+            "next_id": self.next_id,
+        }
         atomic_write_json(self.journal, state)
+
+    def write_tile(self, index: int, dest: Sequence[slice], raw: np.ndarray) -> None:
+        """Store network tile ``index``'s output (C, *core) at ``dest`` of the padded image."""
+        if index != self.tiles_done or self.raw is None:
+            raise ValueError(f"network tile {index} written out of order (next is {self.tiles_done})")
+        mm = np.load(self.raw, mmap_mode="r+")
+        try:
+            mm[(slice(None), *dest)] = raw
+            mm.flush()
+        finally:
+            del mm
+        self.tiles_done += 1
+        self._save()
 
     def write(self, index: int, inside: Sequence[slice], labels: np.ndarray) -> None:
         """Add block ``index``'s objects (ids 1..k over the image slices ``inside``) with new ids."""
@@ -420,9 +543,22 @@ class PartialLabels:
     def close(self, remove: bool = False) -> None:
         """Leave the partial image for a resume, or (``remove``) delete it."""
         if remove:
-            for p in (self.journal, self.path):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
+            for p in (self.journal, self.path, self.raw):
+                if p is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(p)
+
+
+def _create_npy(path: Path, shape: Sequence[int]) -> None:
+    """A float32 ``.npy`` of ``shape`` for memory-mapped writes, its space reserved (see _create_memmap)."""
+    mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
+    del mm
+    if hasattr(os, "posix_fallocate"):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
 
 
 def _tick(timings: dict[str, float], key: str, since: float) -> float:

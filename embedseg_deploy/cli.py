@@ -107,7 +107,7 @@ class ConsoleReporter:
         line = (
             f"  {done}/{total} {unit}, {elapsed:.0f} s, {each:.1f} s each, ETA {each * (total - done):.0f} s"
         )
-        if unit == "blocks":  # blocks are nearly equal parts of the image
+        if unit.endswith("blocks"):  # steps are nearly equal parts of the image
             line += f", {self.voxels * done / total / max(elapsed, 1e-9) / 1e6:.2f} MVoxel/s"
         if self.tty:
             self._echo("\r" + line.ljust(78), nl=done >= total)

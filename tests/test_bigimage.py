@@ -31,6 +31,15 @@ def predictors(tmp_path_factory) -> dict[int, Predictor]:
     }
 
 
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory) -> dict[int, Predictor]:
+    """Predictors with network tiles: block mode runs the network once over the whole image."""
+    return {
+        nd: Predictor(create_backend(toy_model(tmp_path_factory, nd), "onnx-cpu", threads=2), tile=32, halo=8)
+        for nd in (2, 3)
+    }
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16])
 def test_histogram_percentiles_are_numpys(dtype):
     rng = np.random.default_rng(0)
@@ -68,15 +77,18 @@ def _write(path: Path, image: np.ndarray, compress: bool = False, pixel_size=Non
     [((150, 181), (48, 64), False), ((26, 70, 61), (16, 32, 32), False), ((26, 70, 61), (16, 32, 32), True)],
     ids=["2d-memmap", "3d-memmap", "3d-compressed-pages"],
 )
-def test_blocks_find_the_objects_of_whole_image_mode(shape, block, compress, predictors, tmp_path):
+@pytest.mark.parametrize("network", ["per block", "once"])
+def test_blocks_find_the_objects_of_whole_image_mode(shape, block, compress, network, predictors, tiled,
+                                                     tmp_path):  # fmt: skip
     ndim = len(shape)
     image, truth = blobs(shape, 12 if ndim == 2 else 8, radius=4.0, seed=ndim)
     src = _write(tmp_path / "big.tif", image, compress, pixel_size=[0.5] * ndim if not compress else None)
     before = src.read_bytes()
-    predictor = predictors[ndim]
+    predictor = (predictors if network == "per block" else tiled)[ndim]
     whole = predictor.predict(image)
     out = tmp_path / "labels.tif"
     result = predict_big(predictor, src, out, block=block, block_halo=16)
+    assert (result.network_tiles > 1) == (network == "once")
     labels = read_tiff(out)
     # >=: a ball near the end of an axis has a mirror image in the rounding padding whose seed starts an
     # object reaching into the image, as in upstream's whole-image prediction

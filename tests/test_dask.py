@@ -38,7 +38,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(model) -> Predictor:
-    return Predictor(model, backend="onnx-cpu", threads=1, tile=0)
+    return Predictor(model, backend="onnx-cpu", threads=1, tile=32, halo=8)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def reference(predictor, volume, tmp_path_factory) -> np.ndarray:
     out = tmp_path_factory.mktemp("dask-ref") / "ref.tif"
     result = predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
     labels = read_tiff(out).data
-    assert result.blocks == 18 and labels.max() == result.n_objects >= 15
+    assert result.blocks == 18 and result.network_tiles == 1 * 5 * 5  # 32^3 tiles, 16 px cores
+    assert labels.max() == result.n_objects >= 15
     return labels
 
 
@@ -70,7 +71,7 @@ def executor(predictor):
 def test_the_spec_rebuilds_the_same_predictor(predictor):
     again = Predictor(**predictor.spec())
     assert again.label_settings() == predictor.label_settings()
-    assert again.backend.name == "onnx-cpu" and again.tile is None
+    assert again.backend.name == "onnx-cpu" and again.tile == [32, 32, 32]
 
 
 def test_a_run_interrupted_between_a_blocks_pixels_and_its_journal_resumes_exactly(
@@ -92,9 +93,39 @@ def test_a_run_interrupted_between_a_blocks_pixels_and_its_journal_resumes_exact
     partial = tmp_path / ".labels.tif.partial.tif"
     assert tifffile.memmap(partial, mode="r").max() > 0  # block 5's ids, not journaled
     result = predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
-    assert "5 of 18 blocks were done" in result.warnings[-1]
+    assert "30 of 43 steps were done" in result.warnings[-1]  # 25 network tiles, 5 blocks
     assert np.array_equal(read_tiff(out).data, reference)
     assert not partial.exists() and not (tmp_path / ".labels.tif.partial.json").exists()
+
+
+def test_a_run_interrupted_in_the_network_pass_resumes_exactly(
+    predictor, volume, reference, tmp_path, monkeypatch
+):
+    out = tmp_path / "labels.tif"
+    real_save = bigimage.PartialLabels._save
+
+    def dies_after_tile_4(self):
+        if self.tiles_done == 5:
+            raise KeyboardInterrupt
+        real_save(self)
+
+    monkeypatch.setattr(bigimage.PartialLabels, "_save", dies_after_tile_4)
+    with pytest.raises(KeyboardInterrupt):
+        predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
+    monkeypatch.undo()
+    assert (tmp_path / ".labels.tif.partial.raw.npy").is_file()
+    result = predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
+    assert "4 of 43 steps were done" in result.warnings[-1]
+    assert np.array_equal(read_tiff(out).data, reference)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
+
+
+def test_the_network_once_gives_the_labels_of_the_network_per_block(predictor, volume, reference, tmp_path):
+    per_block = predict_big(
+        predictor, volume[0], tmp_path / "b.tif", block=BLOCK, block_halo=16, network_once=False
+    )
+    assert per_block.network_tiles == 0
+    assert np.array_equal(read_tiff(tmp_path / "b.tif").data, reference)
 
 
 def test_other_settings_do_not_resume_a_partial_run(predictor, volume, reference, tmp_path, monkeypatch):

@@ -187,7 +187,7 @@ def test_an_interrupted_zarr_write_leaves_the_old_labels_whole(predictors, tmp_p
     hidden = sorted(f.name for f in tmp_path.iterdir() if f.name.startswith("."))
     assert hidden == [".out.zarr.partial.json", ".out.zarr.partial.tif"]
     result = predict_big(predictors[2], store, out, block=32, provenance={"run": 2})
-    assert "resumed an interrupted run; 4 of 4 blocks were done" in " ".join(result.warnings)
+    assert "resumed an interrupted run; 4 of 4 steps were done" in " ".join(result.warnings)
     assert np.array_equal(_labels(out), old) and read_labels_info(out)[1] == {"run": 2}
     assert not [f.name for f in tmp_path.iterdir() if f.name.startswith(".")]
 

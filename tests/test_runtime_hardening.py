@@ -114,7 +114,7 @@ def test_cli_says_what_it_will_do_then_how_far_it_got(toy2d, tmp_path, monkeypat
     assert (
         "blocks (whole image would need" in blocks.output and "more than the memory budget" in blocks.output
     )
-    block_steps = [line for line in blocks.output.splitlines() if " blocks, " in line and "ETA" in line]
+    block_steps = [line for line in blocks.output.splitlines() if " tiles+blocks, " in line and "ETA" in line]
     assert block_steps and all(line.endswith(" MVoxel/s") for line in block_steps)
     quiet = invoke(*args, "-o", tmp_path / "c", "-q")
     assert quiet.exit_code == 0 and "tiles" not in quiet.output and "[1/1]" not in quiet.output
