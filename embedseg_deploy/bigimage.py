@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 EXACT_FLOAT_VALUES = 2**25
 CHUNK_BYTES = 64 * 2**20
+SLAB_BYTES = 8 * 2**20  # memory-mapped reads and writes of the network output, per map
 
 
 @dataclass
@@ -251,9 +252,7 @@ def segment_block(predictor: Predictor, task: BlockTask) -> tuple[tuple[slice, .
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if task.raw is not None:
-        mm = np.load(task.raw, mmap_mode="r")
-        raw = np.array(mm[(slice(None), *task.region)])
-        del mm
+        raw = _raw_region(task.raw, task.region)
         t0 = _tick(timings, "read", t0)
     else:
         lazy = open_source(task.path, task.level)
@@ -344,12 +343,15 @@ def predict_big(
     before = tuple(b for b, _ in pad_widths(spatial, m, c.padding))
     plan = plan_blocks(spatial, block_v, halo_v, m, c.padding)
     raw_shape = (c.out_channels, *padded)
-    once, why = _network_once(predictor, network_once, output_path, raw_shape, len(plan))
+    # the network's tiles are no larger than a block's region, which the memory budget sized for it
+    region_shape = [r.stop - r.start for r in plan[0][1]]
+    tile = predictor.tile and [min(t, r // m * m) for t, r in zip(predictor.tile, region_shape, strict=True)]
+    once, why = _network_once(predictor, network_once, output_path, raw_shape, len(plan), tile, padded)
     if why:
         notes.append(f"{lazy.path}: {why}")
     tiles = []
     if once:
-        tile = balanced_tile(spatial, predictor.tile, predictor.halo, m, c.padding)
+        tile = balanced_tile(spatial, tile, predictor.halo, m, c.padding)
         for i, t in enumerate(plan_tiles(spatial, tile, predictor.halo, m, c.padding, crop=False)):
             region = tuple(slice(o + b, o + b + n) for o, b, n in zip(t.origin, before, t.shape, strict=True))
             tiles.append(NetworkTask(i, str(lazy.path), level, caxis, region, t.core, t.dest, before, spatial,
@@ -415,15 +417,28 @@ def predict_big(
 
 
 def _network_once(
-    predictor: Predictor, wanted: bool | None, output: Path, raw_shape: Sequence[int], blocks: int
+    predictor: Predictor,
+    wanted: bool | None,
+    output: Path,
+    raw_shape: Sequence[int],
+    blocks: int,
+    tile: Sequence[int] | None,
+    padded: Sequence[int],
 ) -> tuple[bool, str]:
-    """Whether the network runs once over the whole image (its output kept on disk beside the output,
-    then clustered block by block), and a note when it cannot although that was wanted or the default."""
+    """Whether the network runs once over the whole image in tiles of ``tile`` (its output kept on disk
+    beside the output, then clustered block by block), and a note when it cannot although that was
+    wanted or the default."""
     if wanted is False or blocks == 1:
         return False, ""
-    if predictor.tta or predictor.tile is None:
+    if predictor.tta or tile is None:
         why = "test-time augmentation" if predictor.tta else "whole-image tiles (tile 0)"
         return False, f"the network runs per block (its halo computed again) with {why}" if wanted else ""
+    halo = predictor.halo
+    if any(t <= 2 * h and t < p for t, h, p in zip(tile, halo, padded, strict=True)):
+        return False, (
+            f"the network runs per block (its halo computed again): tiles that fit the memory budget "
+            f"({tile}) leave no core inside the tile halo {halo}"
+        )
     need = 4 * math.prod(raw_shape)
     try:
         free = shutil.disk_usage(output.parent).free
@@ -504,12 +519,7 @@ class PartialLabels:
         """Store network tile ``index``'s output (C, *core) at ``dest`` of the padded image."""
         if index != self.tiles_done or self.raw is None:
             raise ValueError(f"network tile {index} written out of order (next is {self.tiles_done})")
-        mm = np.load(self.raw, mmap_mode="r+")
-        try:
-            mm[(slice(None), *dest)] = raw
-            mm.flush()
-        finally:
-            del mm
+        _raw_region(self.raw, dest, raw)
         self.tiles_done += 1
         self._save()
 
@@ -547,6 +557,34 @@ class PartialLabels:
                 if p is not None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(p)
+
+
+def _raw_region(path: Path | str, region: Sequence[slice], data: np.ndarray | None = None) -> np.ndarray:
+    """Read ``raw[:, region]`` from the ``.npy`` at ``path``, or write ``data`` there.
+
+    A few MiB at a time, each through a memory map opened for it and closed: the file pages a map has
+    touched count in the resident set until it is closed, so one map over a whole region would add a
+    second copy of the region to the peak.
+    """
+    mm = np.load(path, mmap_mode="r")
+    shape, row_bytes = mm.shape, mm[(0, 0)].nbytes
+    del mm
+    first, rest = region[0], tuple(region[1:])
+    out = np.empty((shape[0], first.stop - first.start, *[r.stop - r.start for r in rest]), np.float32)
+    step = max(1, SLAB_BYTES // max(row_bytes, 1))
+    for c in range(shape[0]):
+        for i in range(first.start, first.stop, step):
+            j = min(i + step, first.stop)
+            mm = np.load(path, mmap_mode="r" if data is None else "r+")
+            try:
+                if data is None:
+                    out[c, i - first.start : j - first.start] = mm[(c, slice(i, j), *rest)]
+                else:
+                    mm[(c, slice(i, j), *rest)] = data[c, i - first.start : j - first.start]
+                    mm.flush()
+            finally:
+                del mm
+    return out if data is None else data
 
 
 def _create_npy(path: Path, shape: Sequence[int]) -> None:
