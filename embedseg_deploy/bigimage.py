@@ -291,7 +291,7 @@ def predict_big(
     network_once: bool | None = None,
 ) -> BigResult:
     """Segment ``input_path`` block by block into ``output_path`` (written atomically, with
-    ``provenance`` in its tags); ``progress(done, total)`` after each block. Without ``block``, the
+    ``provenance`` in its tags). Without ``block``, the
     blocks fit ``memory_budget`` (as ``--memory-budget``: bytes, "6G", "40%"; default half the available
     memory). An OME-Zarr input is read at pyramid ``level``; an output path ending in ``.zarr`` gets an
     OME-Zarr label image instead of a TIFF.
@@ -343,9 +343,14 @@ def predict_big(
     before = tuple(b for b, _ in pad_widths(spatial, m, c.padding))
     plan = plan_blocks(spatial, block_v, halo_v, m, c.padding)
     raw_shape = (c.out_channels, *padded)
-    # the network's tiles are no larger than a block's region, which the memory budget sized for it
-    region_shape = [r.stop - r.start for r in plan[0][1]]
-    tile = predictor.tile and [min(t, r // m * m) for t, r in zip(predictor.tile, region_shape, strict=True)]
+    # the network's tiles have the shape of a block's region, which the memory budget sized for the
+    # network (on a GPU no larger than the contract's tile, which the GPU's memory limits)
+    tile = [r.stop - r.start for r in plan[0][1]]
+    if predictor.tile is None:
+        tile = None
+    elif predictor.backend.kind != "cpu":
+        tile = [min(t, r) for t, r in zip(predictor.tile, tile, strict=True)]
+    tile = tile and predictor.backend.shapes.fit_tile(tile)
     once, why = _network_once(predictor, network_once, output_path, raw_shape, len(plan), tile, padded)
     if why:
         notes.append(f"{lazy.path}: {why}")
@@ -401,8 +406,7 @@ def predict_big(
                 progress(len(tiles) + task.index + 1, total)
         partial.finish(output_path, lazy.path)
         _tick(timings, "write", t0)
-    except BaseException as exc:
-        partial.close()
+    except BaseException as exc:  # the partial image stays for a resume
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):
             raise DiskFullError(output_path) from None
         raise
@@ -482,7 +486,7 @@ class PartialLabels:
         self.tiles_done = self.blocks_done = self.next_id = self.resumed = 0
         state = self._load() if resume else None
         if state is None:
-            self.close(remove=True)
+            self.remove()
             _create_memmap(self.path, self.spatial, np.uint32, pixel_size, provenance)
             if self.raw is not None:
                 _create_npy(self.raw, self.raw_shape)
@@ -548,15 +552,14 @@ class PartialLabels:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
-        self.close(remove=True)
+        self.remove()
 
-    def close(self, remove: bool = False) -> None:
-        """Leave the partial image for a resume, or (``remove``) delete it."""
-        if remove:
-            for p in (self.journal, self.path, self.raw):
-                if p is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(p)
+    def remove(self) -> None:
+        """Delete the partial image and its journal."""
+        for p in (self.journal, self.path, self.raw):
+            if p is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
 
 
 def _raw_region(path: Path | str, region: Sequence[slice], data: np.ndarray | None = None) -> np.ndarray:
