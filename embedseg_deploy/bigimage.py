@@ -229,7 +229,7 @@ class NetworkTask:
     stats: tuple[np.ndarray, np.ndarray] | None
 
 
-def network_tile(predictor: Predictor, task: NetworkTask) -> tuple[tuple[slice, ...], np.ndarray, dict]:
+def tile_output(predictor: Predictor, task: NetworkTask) -> tuple[tuple[slice, ...], np.ndarray, dict]:
     """The network output of one tile's core: (padded-image slices, raw (C, *core), timings)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -289,6 +289,7 @@ def predict_big(
     executor: Any = None,
     resume: bool = True,
     network_once: bool | None = None,
+    network_tile: int | Sequence[int] | None = None,
 ) -> BigResult:
     """Segment ``input_path`` block by block into ``output_path`` (written atomically, with
     ``provenance`` in its tags). Without ``block``, the
@@ -299,7 +300,9 @@ def predict_big(
     The network runs once over the whole image, tiled as in whole-image prediction, and its output is
     kept on disk beside the output (20 B/px in 2D, 28 B/voxel in 3D); the blocks then cluster it, each
     with ``block_halo`` of context. So the network work is that of whole-image mode, not that of every
-    block's region. ``network_once=False`` (or test-time augmentation, ``tile=0``, or too little free
+    block's region. Its tiles are those that fit the memory budget with the least work
+    (:func:`embedseg_deploy.memory.network_tile`; on a GPU at most the predictor's tile), or
+    ``network_tile``. ``network_once=False`` (or test-time augmentation, ``tile=0``, or too little free
     disk) runs the network per block instead, on the block plus its halo.
 
     ``executor`` (:class:`embedseg_deploy.dask_run.DaskExecutor`) computes tiles and blocks on a dask
@@ -343,14 +346,18 @@ def predict_big(
     before = tuple(b for b, _ in pad_widths(spatial, m, c.padding))
     plan = plan_blocks(spatial, block_v, halo_v, m, c.padding)
     raw_shape = (c.out_channels, *padded)
-    # the network's tiles have the shape of a block's region, which the memory budget sized for the
-    # network (on a GPU no larger than the contract's tile, which the GPU's memory limits)
-    tile = [r.stop - r.start for r in plan[0][1]]
-    if predictor.tile is None:
-        tile = None
-    elif predictor.backend.kind != "cpu":
-        tile = [min(t, r) for t, r in zip(predictor.tile, tile, strict=True)]
-    tile = tile and predictor.backend.shapes.fit_tile(tile)
+    # the network's tiles: the least work within the memory budget (on a GPU no larger than the
+    # contract's tile, which the GPU's memory limits)
+    tile = predictor.tile
+    if tile is not None and network_tile is not None:
+        tile = round_up(per_axis(network_tile, c.ndim, "network tile"), m)
+    elif tile is not None:
+        room = memory.parse_budget(memory_budget).bytes - memory.rss_bytes()
+        channels = 1 if caxis is None else lazy.shape[caxis]
+        largest = tile if predictor.backend.kind != "cpu" else None
+        tile = memory.network_tile(room, padded, predictor.halo, c.ndim, channels, lazy.dtype.itemsize, m,
+                                   largest)  # fmt: skip
+        tile = tile and predictor.backend.shapes.fit_tile(tile)
     once, why = _network_once(predictor, network_once, output_path, raw_shape, len(plan), tile, padded)
     if why:
         notes.append(f"{lazy.path}: {why}")
@@ -389,7 +396,7 @@ def predict_big(
 
     try:
         todo = tiles[partial.tiles_done :]
-        for task, (dest, out, step) in zip(todo, run(network_tile, todo), strict=True):
+        for task, (dest, out, step) in zip(todo, run(tile_output, todo), strict=True):
             add(step)
             t0 = time.perf_counter()
             partial.write_tile(task.index, dest, out)
@@ -434,9 +441,11 @@ def _network_once(
     wanted or the default."""
     if wanted is False or blocks == 1:
         return False, ""
-    if predictor.tta or tile is None:
+    if predictor.tta or predictor.tile is None:
         why = "test-time augmentation" if predictor.tta else "whole-image tiles (tile 0)"
         return False, f"the network runs per block (its halo computed again) with {why}" if wanted else ""
+    if tile is None:
+        return False, "the network runs per block (its halo computed again): no tile fits the memory budget"
     halo = predictor.halo
     if any(t <= 2 * h and t < p for t, h, p in zip(tile, halo, padded, strict=True)):
         return False, (

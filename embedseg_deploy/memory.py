@@ -38,6 +38,7 @@ BLOCK_EXTRA_BYTES = 16
 # Test-time augmentation adds a padded copy of the input and two raw outputs (the sum and one transform).
 TTA_EXTRA_BYTES = {2: 4 + 2 * 20, 3: 4 + 2 * 28}
 MARGIN = 1.1
+DENSE_TILE_COUNTS = 32  # block mode's network tiles: every count up to this per axis, then +12.5 % steps
 DEFAULT_FRACTION = 0.5
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -220,3 +221,41 @@ def block_core(
         if best is None or key < best[0]:
             best = (key, [core for core, _ in combo])
     return best[1] if best else [min(multiple, p) for p in padded]
+
+
+def network_tile(
+    budget: int,
+    padded: Sequence[int],
+    halo: Sequence[int],
+    ndim: int,
+    in_channels: int,
+    in_itemsize: int,
+    multiple: int = 8,
+    largest: Sequence[int] | None = None,
+) -> list[int] | None:
+    """The network tile for block mode's single pass over a whole ``padded`` image: of those whose run
+    fits ``budget`` bytes (one tile's input, output and network memory at a time, costed as whole-image
+    mode on an image of the tile's size), the one that computes the fewest voxels (``k`` tiles of size
+    ``t`` per axis, overlapping by twice the ``halo``), the largest among equals; each axis at most
+    ``largest``. None when none fits."""
+    per_axis = []
+    for i, (p, h) in enumerate(zip(padded, halo, strict=True)):
+        options = {}
+        k = 1
+        while k <= p // multiple:
+            t = max(multiple, math.ceil(math.ceil((p + 2 * h * (k - 1)) / k) / multiple) * multiple)
+            if k > 1 and t <= 2 * h:
+                break
+            if (largest is None or t <= largest[i]) and t not in options:
+                options[t] = k
+            k = k + 1 if k < DENSE_TILE_COUNTS else math.ceil(k * 1.125)  # few options on long axes
+        per_axis.append(sorted(options.items()))
+    best = None
+    for combo in itertools.product(*per_axis):
+        tile = [t for t, _ in combo]
+        if whole_image_peak(tile, None, ndim, in_channels, in_itemsize) > budget:
+            continue
+        key = (math.prod(t * k for t, k in combo), -math.prod(tile))
+        if best is None or key < best[0]:
+            best = (key, tile)
+    return None if best is None else best[1]

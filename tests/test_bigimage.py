@@ -87,7 +87,8 @@ def test_blocks_find_the_objects_of_whole_image_mode(shape, block, compress, net
     predictor = (predictors if network == "per block" else tiled)[ndim]
     whole = predictor.predict(image)
     out = tmp_path / "labels.tif"
-    result = predict_big(predictor, src, out, block=block, block_halo=16)
+    tiles = {"network_tile": 32} if network == "once" else {}
+    result = predict_big(predictor, src, out, block=block, block_halo=16, **tiles)
     assert (result.network_tiles > 1) == (network == "once")
     labels = read_tiff(out)
     # >=: a ball near the end of an axis has a mirror image in the rounding padding whose seed starts an

@@ -29,6 +29,7 @@ from ._runtime_models import blobs, toy_model
 distributed = pytest.importorskip("distributed", reason="the dask extra (dask[distributed]) is not installed")
 
 BLOCK = (16, 32, 32)
+RUN = {"block": BLOCK, "block_halo": 16, "network_tile": (32, 64, 64)}  # 18 blocks, 4 network tiles
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def volume(tmp_path_factory) -> tuple[Path, np.ndarray]:
 @pytest.fixture(scope="module")
 def reference(predictor, volume, tmp_path_factory) -> np.ndarray:
     out = tmp_path_factory.mktemp("dask-ref") / "ref.tif"
-    result = predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
+    result = predict_big(predictor, volume[0], out, **RUN)
     labels = read_tiff(out).data
     assert result.blocks == 18 and result.network_tiles == 1 * 2 * 2  # tiles of a region: 32x64x64
     assert labels.max() == result.n_objects >= 15
@@ -87,12 +88,12 @@ def test_a_run_interrupted_between_a_blocks_pixels_and_its_journal_resumes_exact
 
     monkeypatch.setattr(bigimage.PartialLabels, "_save", dies_after_block_5)
     with pytest.raises(KeyboardInterrupt):
-        predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
+        predict_big(predictor, volume[0], out, **RUN)
     monkeypatch.undo()
     assert not out.exists()
     partial = tmp_path / ".labels.tif.partial.tif"
     assert tifffile.memmap(partial, mode="r").max() > 0  # block 5's ids, not journaled
-    result = predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
+    result = predict_big(predictor, volume[0], out, **RUN)
     assert "9 of 22 steps were done" in result.warnings[-1]  # 4 network tiles, 5 blocks
     assert np.array_equal(read_tiff(out).data, reference)
     assert not partial.exists() and not (tmp_path / ".labels.tif.partial.json").exists()
@@ -111,19 +112,17 @@ def test_a_run_interrupted_in_the_network_pass_resumes_exactly(
 
     monkeypatch.setattr(bigimage.PartialLabels, "_save", dies_after_tile_2)
     with pytest.raises(KeyboardInterrupt):
-        predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
+        predict_big(predictor, volume[0], out, **RUN)
     monkeypatch.undo()
     assert (tmp_path / ".labels.tif.partial.raw.npy").is_file()
-    result = predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16)
+    result = predict_big(predictor, volume[0], out, **RUN)
     assert "2 of 22 steps were done" in result.warnings[-1]
     assert np.array_equal(read_tiff(out).data, reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.tif"]
 
 
 def test_the_network_once_gives_the_labels_of_the_network_per_block(predictor, volume, reference, tmp_path):
-    per_block = predict_big(
-        predictor, volume[0], tmp_path / "b.tif", block=BLOCK, block_halo=16, network_once=False
-    )
+    per_block = predict_big(predictor, volume[0], tmp_path / "b.tif", **RUN, network_once=False)
     assert per_block.network_tiles == 0
     assert np.array_equal(read_tiff(tmp_path / "b.tif").data, reference)
 
@@ -132,10 +131,10 @@ def test_other_settings_do_not_resume_a_partial_run(predictor, volume, reference
     out = tmp_path / "labels.tif"
     monkeypatch.setattr(bigimage.PartialLabels, "_save", _raise_after(3, bigimage.PartialLabels._save))
     with pytest.raises(KeyboardInterrupt):
-        predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16, provenance={"seed_thresh": 0.8})
+        predict_big(predictor, volume[0], out, **RUN, provenance={"seed_thresh": 0.8})
     monkeypatch.undo()
     again = {"seed_thresh": 0.9}
-    result = predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16, provenance=again)
+    result = predict_big(predictor, volume[0], out, **RUN, provenance=again)
     assert not any("resumed" in w for w in result.warnings)
     assert np.array_equal(read_tiff(out).data, reference)
 
@@ -180,7 +179,7 @@ def test_a_killed_cli_run_resumes_at_its_first_unfinished_block(model, volume, r
 
 def test_blocks_on_two_dask_workers_equal_one_process(predictor, executor, volume, reference, tmp_path):
     out = tmp_path / "labels.tif"
-    predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16, executor=executor)
+    predict_big(predictor, volume[0], out, **RUN, executor=executor)
     assert np.array_equal(read_tiff(out).data, reference)
 
 
@@ -195,7 +194,7 @@ def test_a_worker_killed_mid_run_costs_only_a_retry(predictor, executor, volume,
             killed.append(done)
 
     out = tmp_path / "labels.tif"
-    predict_big(predictor, volume[0], out, block=BLOCK, block_halo=16, executor=executor, progress=progress)
+    predict_big(predictor, volume[0], out, **RUN, executor=executor, progress=progress)
     assert killed and np.array_equal(read_tiff(out).data, reference)
     with pytest.raises(ProcessLookupError):
         os.kill(victim, 0)

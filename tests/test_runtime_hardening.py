@@ -79,6 +79,30 @@ def test_blocks_fit_the_budget_with_the_least_network_work():
     assert core3[0] == 64 and math.prod(core3) < 64 * 2048 * 2048
 
 
+def test_network_tiles_fit_the_budget_with_the_least_work():
+    halo = (16, 64, 64)
+    for padded in ((64, 1024, 1024), (256, 1024, 1024), (24, 3000, 2000)):
+        for budget in (400 * 2**20, 2**31):
+            tile = memory.network_tile(budget, padded, halo, 3, 1, 2)
+            assert memory.whole_image_peak(tile, None, 3, 1, 2) <= budget
+            work = len(plan_tiles(padded, balanced_tile(padded, tile, halo), halo)) * math.prod(
+                balanced_tile(padded, tile, halo)
+            )
+            # no cube-like tile (the same side in y and x, z whole or halved) that fits does less work
+            for z in {padded[0], -(-(padded[0] + 32) // 16) * 8}:  # z whole, or two tiles
+                for side in range(136, max(padded) + 8, 8):
+                    cube = [z, min(side, padded[1]), min(side, padded[2])]
+                    if memory.whole_image_peak(cube, None, 3, 1, 2) > budget:
+                        break
+                    b = balanced_tile(padded, cube, halo)
+                    assert work <= len(plan_tiles(padded, b, halo)) * math.prod(b) * 1.0001
+    # a whole image that fits is one tile; nothing fits a budget below one minimal tile
+    assert memory.network_tile(2**34, (64, 512, 512), halo, 3, 1, 2) == [64, 512, 512]
+    assert memory.network_tile(1, (64, 512, 512), halo, 3, 1, 2) is None
+    capped = memory.network_tile(2**34, (64, 2048, 2048), halo, 3, 1, 2, largest=(64, 512, 512))
+    assert capped[0] == 64 and max(capped[1:]) <= 512
+
+
 def test_the_budget_decides_the_mode_before_reading(toy2d, monkeypatch):
     monkeypatch.setattr(memory, "rss_bytes", lambda: 100 * 2**20)
     p = Predictor(create_backend(toy2d, "onnx-cpu", threads=1), tile=(64, 64), halo=(8, 8))
