@@ -333,7 +333,13 @@ def predict(
     warm.join()
     executor = None
     if dask_address is not None:
-        from .dask_run import DaskExecutor
+        from .dask_run import DaskExecutor, looks_like_address
+
+        if dask_address != "local" and not looks_like_address(dask_address):
+            _fail(
+                f"--dask {dask_address}: not a scheduler address (tcp://host:8786). Alone, --dask starts "
+                "a local cluster: put it after the inputs, or give the address as --dask=ADDRESS"
+            )
 
         try:
             executor = DaskExecutor(

@@ -19,6 +19,7 @@ import collections
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,13 @@ def worker_predictor(spec: dict[str, Any]) -> Predictor:
         _PREDICTORS.clear()  # one model per worker: a new run's model replaces the old one
         _PREDICTORS[key] = Predictor(**spec)
     return _PREDICTORS[key]
+
+
+def looks_like_address(text: str) -> bool:
+    """A scheduler address (``tcp://host:8786``, ``host:8786``, ``tls://...``), not a file name."""
+    return bool(re.fullmatch(r"([a-z]+://)?[\w.\-\[\]:]+:\d+/?", text)) or text.startswith(
+        ("tcp://", "tls://", "ucx://", "inproc://")
+    )
 
 
 def _run(spec: dict[str, Any], fn: Callable[[Predictor, Any], Any], item: Any) -> Any:

@@ -235,6 +235,13 @@ def test_a_scheduler_that_cannot_be_reached_is_a_clear_error(predictor):
         DaskExecutor(predictor, "tcp://127.0.0.1:9", connect_timeout=1)
 
 
+def test_an_input_taken_for_an_address_is_explained(model, volume, tmp_path):
+    args = ["predict", model, "--dask", volume[0], volume[0], "-o", tmp_path / "out"]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 2 and "not a scheduler address" in result.stderr
+    assert "--dask=ADDRESS" in result.stderr and not (tmp_path / "out" / "vol.tif").exists()
+
+
 def test_the_runtime_works_without_dask():
     code = (
         "import sys; sys.modules['distributed'] = None; import embedseg_deploy.cli, embedseg_deploy.dask_run"
