@@ -719,7 +719,8 @@ def process_job(
             big = predict_big(
                 predictor, job.input, job.output, plan.block, block_halo, channel_axis=channel_axis,
                 progress=reporter.step and (lambda d, n: reporter.step(d, n, "tiles+blocks")),
-                provenance=settings, level=level, executor=executor, resume=not overwrite,
+                provenance=settings, memory_budget=budget, level=level, executor=executor,
+                resume=not overwrite,
             )  # fmt: skip
             timings = {**big.timings, "total": time.perf_counter() - t0}
             return {
