@@ -240,7 +240,8 @@ def tile_output(predictor: Predictor, task: NetworkTask) -> tuple[tuple[slice, .
     t0 = _tick(timings, "normalize", t0)
     raw = np.asarray(predictor.backend.run(np.ascontiguousarray(x[np.newaxis], np.float32)))
     _tick(timings, "predict", t0)
-    return task.dest, np.ascontiguousarray(raw[(0, slice(None), *task.core)]), timings
+    # a view: a copy of the core would add ~20 B/voxel to the peak (a dask worker copies it to send it)
+    return task.dest, raw[(0, slice(None), *task.core)], timings
 
 
 def segment_block(predictor: Predictor, task: BlockTask) -> tuple[tuple[slice, ...], np.ndarray, dict]:
@@ -395,19 +396,27 @@ def predict_big(
             timings[k] = timings.get(k, 0.0) + v
 
     try:
+        # results are taken with next(), not zip(): zip would keep the last result alive while the next
+        # is computed (two tiles' network outputs at once)
         todo = tiles[partial.tiles_done :]
-        for task, (dest, out, step) in zip(todo, run(tile_output, todo), strict=True):
+        results = run(tile_output, todo)
+        for task in todo:
+            dest, out, step = next(results)
             add(step)
             t0 = time.perf_counter()
             partial.write_tile(task.index, dest, out)
+            del out  # before the next tile is computed: its network output is alive until then
             t0 = _tick(timings, "write", t0)
             if progress is not None:
                 progress(task.index + 1, total)
         todo = blocks[partial.blocks_done :]
-        for task, (inside, labels, step) in zip(todo, run(segment_block, todo), strict=True):
+        results = run(segment_block, todo)
+        for task in todo:
+            inside, labels, step = next(results)
             add(step)
             t0 = time.perf_counter()
             partial.write(task.index, inside, labels)
+            del labels
             t0 = _tick(timings, "write", t0)
             if progress is not None:
                 progress(len(tiles) + task.index + 1, total)

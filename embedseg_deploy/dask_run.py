@@ -129,6 +129,7 @@ class DaskExecutor:
                 pending.append(self.submit(fn, item))
                 break
             yield result
+            del result  # not held while the next one is awaited
 
     def worker_budget(self) -> int:
         """Default memory budget of one worker: half its dask memory limit where it has one, else (a

@@ -84,7 +84,7 @@ def test_network_tiles_fit_the_budget_with_the_least_work():
     for padded in ((64, 1024, 1024), (256, 1024, 1024), (24, 3000, 2000)):
         for budget in (400 * 2**20, 2**31):
             tile = memory.network_tile(budget, padded, halo, 3, 1, 2)
-            assert memory.whole_image_peak(tile, None, 3, 1, 2) <= budget
+            assert memory.network_tile_peak(tile, 3, 1, 2) <= budget
             work = len(plan_tiles(padded, balanced_tile(padded, tile, halo), halo)) * math.prod(
                 balanced_tile(padded, tile, halo)
             )
@@ -92,7 +92,7 @@ def test_network_tiles_fit_the_budget_with_the_least_work():
             for z in {padded[0], -(-(padded[0] + 32) // 16) * 8}:  # z whole, or two tiles
                 for side in range(136, max(padded) + 8, 8):
                     cube = [z, min(side, padded[1]), min(side, padded[2])]
-                    if memory.whole_image_peak(cube, None, 3, 1, 2) > budget:
+                    if memory.network_tile_peak(cube, 3, 1, 2) > budget:
                         break
                     b = balanced_tile(padded, cube, halo)
                     assert work <= len(plan_tiles(padded, b, halo)) * math.prod(b) * 1.0001
