@@ -12,7 +12,7 @@ which Linux seeds at exec with the parent's resident set: a 1 GB parent made a 7
 ``--before PATH`` (a checkout of an earlier commit) the same images also run on that code, side by side.
 
     python benchmarks/bench_memory.py stages
-    python benchmarks/bench_memory.py flat [--budget-2d 1.2G] [--budget-3d 2G] [--before /tmp/old]
+    python benchmarks/bench_memory.py flat [--budget-2d 1.2G] [--budget-3d 2G] [--before /tmp/old] [--name N]
 
 Uses the upstream fixture checkpoints (2D and 3D) exported to ONNX. Results: benchmarks/results/
 memory_stages.{json,md} and memory_flat.{json,md}.
@@ -308,16 +308,17 @@ def main() -> None:
     parser.add_argument("--budget-3d", default="2G")
     parser.add_argument("--before", type=Path, default=None, help="checkout of the code to compare with")
     parser.add_argument("--before-max-mpx", type=float, default=70.0, help="largest image for --before")
+    parser.add_argument("--name", default=None, help="result file name [memory_stages / memory_flat]")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         tmp = Path(tmp)
         models = export_models(tmp)
         if args.part == "stages":
             doc = stages(args, models, tmp)
-            write(doc, "memory_stages", stages_table(doc))
+            write(doc, args.name or "memory_stages", stages_table(doc))
         else:
             doc = flat(args, models, tmp)
-            write(doc, "memory_flat", flat_table(doc))
+            write(doc, args.name or "memory_flat", flat_table(doc))
 
 
 if __name__ == "__main__":
