@@ -38,6 +38,7 @@ BLOCK_EXTRA_BYTES = 16
 # Test-time augmentation adds a padded copy of the input and two raw outputs (the sum and one transform).
 TTA_EXTRA_BYTES = {2: 4 + 2 * 20, 3: 4 + 2 * 28}
 MARGIN = 1.1
+TILE_PASS_EXTRA_BYTES = {2: 0, 3: 28}  # block mode's network pass beyond whole-image mode, per tile pixel
 DENSE_TILE_COUNTS = 32  # block mode's network tiles: every count up to this per axis, then +12.5 % steps
 DEFAULT_FRACTION = 0.5
 
@@ -225,9 +226,10 @@ def block_core(
 
 def network_tile_peak(tile: Sequence[int], ndim: int, in_channels: int, in_itemsize: int) -> int:
     """Bytes block mode's network pass adds with tiles of shape ``tile``: whole-image mode on an image of
-    the tile's size plus one more tile output (measured with the upstream 3D ERFNet: 118-122 B/voxel for
-    tiles of 7.5-12 Mvoxel, where whole-image mode counts 101)."""
-    extra = MARGIN * math.prod(tile) * 4 * (2 * ndim + 1)
+    the tile's size, plus in 3D one more tile output (measured with the upstream ERFNets,
+    ``benchmarks/results/memory_flat.md``: 2D tiles of 4.5 Mpx 120 B/px, within whole-image mode's 123;
+    3D tiles of 7.5-12 Mvoxel 118-122 B/voxel, where whole-image mode counts 101)."""
+    extra = MARGIN * math.prod(tile) * TILE_PASS_EXTRA_BYTES[ndim]
     return whole_image_peak(tile, None, ndim, in_channels, in_itemsize) + int(extra)
 
 
