@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 from _common import RESULTS, exported_model, finish, header, log, machine_line, pin_threads
@@ -69,6 +68,42 @@ DASK_CHILD = textwrap.dedent(
 )
 
 
+WORK_CHILD = textwrap.dedent(
+    """
+    import json, math, sys, time
+    args = json.loads(sys.argv[1])
+    from embedseg_deploy.bigimage import predict_big
+    from embedseg_deploy.io import read_tiff, write_tiff_atomic
+    from embedseg_deploy.predict import Predictor
+
+    predictor = Predictor(args["model"], backend="onnx-cpu", threads=2)
+    counted = {"voxels": 0, "calls": 0}
+    run = predictor.backend.run
+
+    def counting(batch):
+        counted["voxels"] += math.prod(batch.shape[2:]) * batch.shape[0]
+        counted["calls"] += 1
+        return run(batch)
+
+    predictor.backend.run = counting
+    t0 = time.perf_counter()
+    if args["mode"] == "whole image":
+        result = predictor.run(read_tiff(args["input"]).data)
+        write_tiff_atomic(args["out"], result.labels.astype("uint16"))
+        objects, blocks, tiles = result.n_objects, 1, counted["calls"]
+    else:
+        once = args["mode"].endswith("once")
+        r = predict_big(predictor, args["input"], args["out"], memory_budget=args["budget"],
+                        network_once=once)
+        objects, blocks, tiles = r.n_objects, r.blocks, r.network_tiles
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"network_voxels": counted["voxels"], "network_calls": counted["calls"],
+                      "blocks": blocks, "network_tiles": tiles, "seconds": round(seconds, 2),
+                      "objects": objects, "tile": predictor.tile, "halo": predictor.halo}))
+    """
+)
+
+
 def make_volume(shape: tuple[int, ...], path: Path, zarr: bool = False) -> None:
     """A uint16 volume like the 3D fixture's data (32x256^2 with ~250 nuclei, tiled), as TIFF or OME-Zarr."""
     from embedseg_deploy.io import write_tiff_atomic
@@ -86,58 +121,30 @@ def make_volume(shape: tuple[int, ...], path: Path, zarr: bool = False) -> None:
 
 
 def work(model: Path, tmp: Path, budget: str) -> dict:
-    """Network input voxels and wall time of whole-image and the two block modes, in one process."""
-    from embedseg_deploy.bigimage import predict_big
+    """Network input voxels and wall time of whole-image and the two block modes, each in a fresh process
+    (block mode sizes its blocks from the budget minus what the process already holds)."""
     from embedseg_deploy.io import read_tiff
-    from embedseg_deploy.predict import Predictor
 
     src = tmp / "work.tif"
     make_volume(WORK_SHAPE, src)
-    predictor = Predictor(model, backend="onnx-cpu", threads=2)
-    counted = {"voxels": 0, "calls": 0}
-    run = predictor.backend.run
-
-    def counting(batch: np.ndarray) -> np.ndarray:
-        counted["voxels"] += math.prod(batch.shape[2:]) * batch.shape[0]
-        counted["calls"] += 1
-        return run(batch)
-
-    predictor.backend.run = counting
-    image = read_tiff(src).data
     rows, labels = [], {}
     for mode in ("whole image", "blocks, network per block", "blocks, network once"):
-        counted.update(voxels=0, calls=0)
-        t0 = time.perf_counter()
-        if mode == "whole image":
-            result = predictor.run(image)
-            labels[mode], objects, blocks = result.labels, result.n_objects, 1
-        else:
-            out = tmp / f"{len(rows)}.tif"
-            r = predict_big(predictor, src, out, memory_budget=budget, network_once=mode.endswith("once"))
-            labels[mode], objects, blocks = read_tiff(out).data, r.n_objects, r.blocks
-        seconds = time.perf_counter() - t0
-        rows.append(
-            {
-                "mode": mode,
-                "network_voxels": counted["voxels"],
-                "network_calls": counted["calls"],
-                "blocks": blocks,
-                "seconds": round(seconds, 2),
-                "objects": objects,
-            }
-        )
+        out = tmp / f"work-{len(rows)}.tif"
+        args = {"model": str(model), "input": str(src), "out": str(out), "mode": mode, "budget": budget}
+        proc = subprocess.run([sys.executable, "-c", WORK_CHILD, json.dumps(args)], capture_output=True,
+                              text=True, check=False, cwd=tempfile.gettempdir())  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"{mode} failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        labels[mode] = read_tiff(out).data
+        rows.append({"mode": mode, **row})
         log(json.dumps(rows[-1]))
     whole = rows[0]["network_voxels"]
     for row in rows:
         row["work_vs_whole"] = round(row["network_voxels"] / whole, 3)
         row["same_labels_as_whole"] = same_partition(labels[row["mode"]], labels["whole image"])
-    return {
-        "shape": list(WORK_SHAPE),
-        "tile": predictor.tile,
-        "halo": predictor.halo,
-        "rows": rows,
-        "image_voxels": math.prod(WORK_SHAPE),
-    }
+    return {"shape": list(WORK_SHAPE), "tile": rows[0]["tile"], "halo": rows[0]["halo"], "rows": rows,
+            "image_voxels": math.prod(WORK_SHAPE)}  # fmt: skip
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
