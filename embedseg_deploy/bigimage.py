@@ -713,15 +713,15 @@ def _to_zarr(
 ) -> None:
     """The uint32 label memmap ``src`` as an OME-Zarr label image at ``dst`` (replacing an old one)."""
 
-    def slab(start: int, stop: int) -> np.ndarray:
-        mm = tifffile.memmap(src, mode="r")
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+        mm = tifffile.memmap(src, mode="r")  # a map per read: its touched pages leave with it
         try:
-            return np.asarray(mm[start:stop], dtype)
+            return np.asarray(mm[index], dtype)
         finally:
             del mm
 
     source = os.path.relpath(image.resolve(), dst.resolve().parent)
-    write_labels(dst, slab, shape, dtype, pixel_size, provenance, source, overwrite=True)
+    write_labels(dst, read, shape, dtype, pixel_size, provenance, source, overwrite=True)
 
 
 def _convert(

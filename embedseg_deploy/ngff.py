@@ -6,6 +6,7 @@ and users can call to convert a TIFF. Reading is :class:`embedseg_deploy.sources
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -112,7 +113,7 @@ def label_chunks(shape: Sequence[int]) -> tuple[int, ...]:
 
 def write_labels(
     path: str | os.PathLike,
-    read_slab: Any,
+    read: Any,
     shape: Sequence[int],
     dtype: Any,
     pixel_size: Sequence[float] | None = None,
@@ -124,10 +125,10 @@ def write_labels(
     """Write labels as an OME-Zarr label image at ``path``, atomically: into a hidden folder beside it,
     renamed onto ``path`` when complete (a reader never sees half a store).
 
-    ``read_slab(start, stop)`` gives the labels of rows ``start:stop`` along axis 0, so the labels need
-    not fit in memory. The image carries NGFF ``image-label`` metadata (background transparent,
-    ``source`` pointing at ``source_image``), the pixel size, and ``provenance`` under
-    :data:`LABELS_KEY`. Chunked and compressed (Zarr's default codec).
+    ``read(index)`` gives the labels of ``index`` (a slice for each axis but the last, which it reads
+    whole), so the labels need not fit in memory. The image carries NGFF ``image-label`` metadata
+    (background transparent, ``source`` pointing at ``source_image``), the pixel size, and
+    ``provenance`` under :data:`LABELS_KEY`. Chunked and compressed (Zarr's default codec).
     """
     import shutil
     import uuid
@@ -160,9 +161,11 @@ def write_labels(
         chunks = label_chunks(shape)
         kwargs: dict[str, Any] = {"dimension_names": list(axes.lower())} if version == "0.5" else {}
         array = group.create_array("0", shape=tuple(shape), dtype=np.dtype(dtype), chunks=chunks, **kwargs)
-        for start in range(0, shape[0], chunks[0]):
-            stop = min(start + chunks[0], shape[0])
-            array[start:stop] = read_slab(start, stop)
+        # a row of chunks at a time along every axis but the last: ~100 MB whatever the image's size
+        rows = [range(0, n, c) for n, c in zip(shape[:-1], chunks[:-1], strict=True)]
+        for starts in itertools.product(*rows):
+            index = tuple(slice(a, min(a + c, n)) for a, c, n in zip(starts, chunks, shape, strict=False))
+            array[index] = read(index)
         group.attrs.update(attrs)
         # a folder cannot be renamed over a non-empty one: the old store steps aside first, and comes
         # back if the new one cannot take its place

@@ -53,6 +53,6 @@ def write_labels_file(
     if source_image is not None:
         source = os.path.relpath(source_image.resolve(), path.resolve().parent)
     write_labels(
-        path, lambda a, b: labels[a:b], labels.shape, labels.dtype, pixel_size, provenance, source,
+        path, lambda index: labels[index], labels.shape, labels.dtype, pixel_size, provenance, source,
         overwrite=True,
     )  # fmt: skip
