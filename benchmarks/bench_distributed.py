@@ -11,7 +11,7 @@ and by a 2-worker ``LocalCluster`` (1 thread each) side by side, throughput in M
 labels; then 64x2048x2048 and 256x1024x1024 uint16 volumes written as OME-Zarr, segmented on the
 2-worker cluster, with the peak resident set (``VmHWM``) of every worker and of the client.
 
-    python benchmarks/bench_distributed.py [work] [dask] [--budget 1.5G] [--quick]
+    python benchmarks/bench_distributed.py [work] [dask | dask-memory] [--budget 1.5G] [--quick] [--name N]
 
 Uses the upstream fixture 3D checkpoint exported to ONNX. Results: benchmarks/results/distributed.{json,md}.
 """
@@ -169,14 +169,14 @@ def run_child(model: Path, src: Path, out: Path, workers: int, budget: str) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def dask(model: Path, tmp: Path, budget: str) -> dict:
+def dask(model: Path, tmp: Path, budget: str, throughput_runs: bool = True) -> dict:
     from embedseg_deploy.io import read_tiff
 
     src = tmp / "work.tif"
-    if not src.exists():
+    if throughput_runs and not src.exists():
         make_volume(WORK_SHAPE, src)
     throughput = []
-    for workers in (0, 2):
+    for workers in (0, 2) if throughput_runs else ():
         r = run_child(model, src, tmp / f"tp{workers}", workers, budget)
         voxels = math.prod(WORK_SHAPE)
         throughput.append(
@@ -193,7 +193,9 @@ def dask(model: Path, tmp: Path, budget: str) -> dict:
             }
         )
         log(json.dumps(throughput[-1]))
-    same = np.array_equal(read_tiff(tmp / "tp0" / "work.tif").data, read_tiff(tmp / "tp2" / "work.tif").data)
+    same = throughput_runs and np.array_equal(
+        read_tiff(tmp / "tp0" / "work.tif").data, read_tiff(tmp / "tp2" / "work.tif").data
+    )
     memory = []
     for shape in BIG_SHAPES:
         store = tmp / f"{'x'.join(map(str, shape))}.zarr"
@@ -243,7 +245,7 @@ def markdown(doc: dict) -> str:
                 f"| {r['work_vs_whole']:.2f}x "
                 f"| {r['seconds']} | {r['objects']} | {'yes' if r['same_labels_as_whole'] else 'no'} |"
             )
-    if "dask" in doc:
+    if "dask" in doc and doc["dask"]["throughput"]:
         d = doc["dask"]
         lines += [
             "",
@@ -261,6 +263,10 @@ def markdown(doc: dict) -> str:
         lines += [
             "",
             f"Labels of the cluster run equal the single process's: {d['dask_labels_equal_single_process']}.",
+        ]
+    if "dask" in doc:
+        d = doc["dask"]
+        lines += [
             "",
             "## Peak RSS per worker, OME-Zarr volumes on a 2-worker LocalCluster",
             "",
@@ -280,14 +286,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("parts", nargs="*", help="work, dask (default: both)")
+    parser.add_argument("parts", nargs="*", help="work, dask, dask-memory (default: work and dask)")
     parser.add_argument("--budget", default="1.5G", help="memory budget per process / worker")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--quick", action="store_true", help="tiny volumes, results to a temp folder")
+    parser.add_argument("--name", default="distributed", help="result file name")
     args = parser.parse_args()
     args.parts = args.parts or ["work", "dask"]
-    if set(args.parts) - {"work", "dask"}:
-        parser.error(f"parts are work and dask, not {args.parts}")
+    if set(args.parts) - {"work", "dask", "dask-memory"}:
+        parser.error(
+            f"parts are work, dask and dask-memory (dask without the throughput runs), not {args.parts}"
+        )
     doc = header("distributed", 2, budget=args.budget, parts=args.parts)
     model = exported_model(3)
     if args.quick:  # a smoke test of the script: tiny volumes, results not kept with the others
@@ -297,9 +306,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-distributed-") as tmp:
         if "work" in args.parts:
             doc["work"] = work(model, Path(tmp), args.budget)
-        if "dask" in args.parts:
-            doc["dask"] = dask(model, Path(tmp), args.budget)
-    print(finish(doc, markdown, "distributed", args.out))
+        if "dask" in args.parts or "dask-memory" in args.parts:
+            doc["dask"] = dask(model, Path(tmp), args.budget, throughput_runs="dask" in args.parts)
+    print(finish(doc, markdown, args.name, args.out))
 
 
 if __name__ == "__main__":

@@ -388,38 +388,27 @@ def predict_big(
     ]
     total = len(tiles) + len(blocks)
 
-    def run(fn: Any, todo: list) -> Any:
-        return executor.ordered(fn, todo) if executor else (fn(predictor, t) for t in todo)
+    def steps(fn: Any, todo: list, write: Any, before: int) -> None:
+        """Compute ``fn`` for each task (here or on the cluster) and ``write`` the results in order.
 
-    def add(step_timings: dict[str, float]) -> None:
-        for k, v in step_timings.items():
-            timings[k] = timings.get(k, 0.0) + v
+        Results are taken with next(), not zip(): zip would keep the last one alive while the next is
+        computed (two tiles' network outputs at once)."""
+        results = executor.ordered(fn, todo) if executor else (fn(predictor, t) for t in todo)
+        for task in todo:
+            where, data, step = next(results)
+            for k, v in step.items():
+                timings[k] = timings.get(k, 0.0) + v
+            t0 = time.perf_counter()
+            write(task.index, where, data)
+            del data
+            _tick(timings, "write", t0)
+            if progress is not None:
+                progress(before + task.index + 1, total)
 
     try:
-        # results are taken with next(), not zip(): zip would keep the last result alive while the next
-        # is computed (two tiles' network outputs at once)
-        todo = tiles[partial.tiles_done :]
-        results = run(tile_output, todo)
-        for task in todo:
-            dest, out, step = next(results)
-            add(step)
-            t0 = time.perf_counter()
-            partial.write_tile(task.index, dest, out)
-            del out  # before the next tile is computed: its network output is alive until then
-            t0 = _tick(timings, "write", t0)
-            if progress is not None:
-                progress(task.index + 1, total)
-        todo = blocks[partial.blocks_done :]
-        results = run(segment_block, todo)
-        for task in todo:
-            inside, labels, step = next(results)
-            add(step)
-            t0 = time.perf_counter()
-            partial.write(task.index, inside, labels)
-            del labels
-            t0 = _tick(timings, "write", t0)
-            if progress is not None:
-                progress(len(tiles) + task.index + 1, total)
+        steps(tile_output, tiles[partial.tiles_done :], partial.write_tile, 0)
+        steps(segment_block, blocks[partial.blocks_done :], partial.write, len(tiles))
+        t0 = time.perf_counter()
         partial.finish(output_path, lazy.path)
         _tick(timings, "write", t0)
     except BaseException as exc:  # the partial image stays for a resume
