@@ -1,16 +1,17 @@
-"""Running on a dask.distributed cluster: blocks of big images and whole small files as tasks.
+"""Running on a dask.distributed cluster: network tiles and blocks of big images, and whole small files,
+as tasks.
 
 The cluster is dask's (a :class:`distributed.LocalCluster` of worker processes on this machine, or any
 running scheduler: dask-jobqueue on SLURM/PBS, dask-gateway, Kubernetes); this module only decides what
 a task is. Each worker builds the predictor once from :meth:`Predictor.spec` and keeps it for every
 later task (model loading and ONNX Runtime's session setup happen once per worker, not per block).
 
-Blocks are computed on the workers and written here in plan order (:mod:`embedseg_deploy.bigimage`), so
-the labels are those of a single-process run whatever the number of workers, and ids stay unique without
-a second pass over the pixels. A worker that dies takes its running tasks with it; the scheduler runs
-them again elsewhere, and since a block's result depends only on its inputs the run's labels do not
-change. Needs the ``dask`` extra (``dask[distributed]``); inputs and outputs must be on a file system
-that every worker sees.
+Network tiles and blocks are computed on the workers and written here in plan order
+(:mod:`embedseg_deploy.bigimage`), so the labels are those of a single-process run whatever the number of
+workers, and ids stay unique without a second pass over the pixels. A worker that dies takes its running
+tasks with it; the scheduler runs them again elsewhere, and since a task's result depends only on its
+inputs the run's labels do not change. Needs the ``dask`` extra (the ``distributed`` package); inputs and
+outputs must be on a file system that every worker sees.
 """
 
 from __future__ import annotations
