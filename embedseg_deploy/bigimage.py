@@ -206,7 +206,7 @@ class BlockTask:
     level: int
     caxis: int | None
     core: tuple[slice, ...]  # padded coordinates; cores partition the padded image
-    region: tuple[slice, ...]  # core plus halo, clipped: what the network sees
+    region: tuple[slice, ...]  # core plus halo, clipped: what is clustered (and predicted, per block)
     before: tuple[int, ...]  # padding before the image on each axis
     spatial: tuple[int, ...]
     stats: tuple[np.ndarray, np.ndarray] | None  # whole-image normalisation statistics
@@ -538,8 +538,7 @@ class PartialLabels:
         """Add block ``index``'s objects (ids 1..k over the image slices ``inside``) with new ids."""
         if index != self.blocks_done:
             raise ValueError(f"block {index} written out of order (next is {self.blocks_done})")
-        # ids above the journaled ones can only be an interrupted write of this block: cleared first
-        self.next_id += _write_block(self.path, labels, inside, self.next_id, clear_above=self.next_id)
+        self.next_id += _write_block(self.path, labels, inside, self.next_id)
         self.blocks_done += 1
         self._save()
 
@@ -601,12 +600,7 @@ def _create_npy(path: Path, shape: Sequence[int]) -> None:
     """A float32 ``.npy`` of ``shape`` for memory-mapped writes, its space reserved (see _create_memmap)."""
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=tuple(shape))
     del mm
-    if hasattr(os, "posix_fallocate"):
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+    _reserve_space(path)
 
 
 def _tick(timings: dict[str, float], key: str, since: float) -> float:
@@ -632,6 +626,11 @@ def _create_memmap(
     mm = tifffile.memmap(path, shape=tuple(shape), dtype=dtype, photometric="minisblack", **kwargs)
     mm.flush()
     del mm
+    _reserve_space(path)
+
+
+def _reserve_space(path: Path) -> None:
+    """Allocate a file's blocks now, so that a full disk is an error here and not a SIGBUS later."""
     if hasattr(os, "posix_fallocate"):
         fd = os.open(path, os.O_RDWR)
         try:
@@ -656,25 +655,20 @@ def _inside(
     return inside, local
 
 
-def _write_block(
-    path: Path, new: np.ndarray, inside: Sequence[slice], next_id: int, clear_above: int | None = None
-) -> int:
+def _write_block(path: Path, new: np.ndarray, inside: Sequence[slice], next_id: int) -> int:
     """Write the objects of ``new`` (ids 1..k over the image slices ``inside``) as ``next_id + 1, ...``.
 
     Pixels already owned by an earlier block are kept. An object more than half of whose pixels are already
     owned is the same object seen again (its seed moved across a block border by a last-bit difference or
-    a tie): it is dropped, so no object is counted twice. Ids above ``clear_above`` (left by an interrupted
-    write of this block) are cleared first. Returns the number of new ids.
+    a tie): it is dropped, so no object is counted twice. Ids above ``next_id`` can only be what an
+    interrupted write of this block left: they are cleared first. Returns the number of new ids.
     """
     inside = tuple(inside)
     k = int(new.max()) if new.size else 0
-    if k == 0 and clear_above is None:
-        return 0
     mm = tifffile.memmap(path, mode="r+")
     try:
         out = np.array(mm[inside])
-        if clear_above is not None:
-            out[out > clear_above] = 0
+        out[out > next_id] = 0
         total = np.bincount(new.ravel().astype(np.intp), minlength=k + 1)
         taken = np.bincount(new[out > 0].astype(np.intp), minlength=k + 1)
         survive = (total > 0) & (2 * taken <= total)

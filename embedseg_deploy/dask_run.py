@@ -17,6 +17,7 @@ outputs must be on a file system that every worker sees.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import os
@@ -117,18 +118,12 @@ class DaskExecutor:
         """
         items = iter(items)
         window = window or 2 * self.workers + 1
-        pending: collections.deque = collections.deque()
-        for item in items:
-            pending.append(self.submit(fn, item))
-            if len(pending) >= window:
-                break
+        pending = collections.deque(self.submit(fn, item) for item in itertools.islice(items, window))
         while pending:
             future = pending.popleft()
             result = future.result()
             future.release()
-            for item in items:
-                pending.append(self.submit(fn, item))
-                break
+            pending.extend(self.submit(fn, item) for item in itertools.islice(items, 1))
             yield result
             del result  # not held while the next one is awaited
 
