@@ -22,7 +22,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .backends import ALIASES, BACKENDS, BackendError
+from .backends import ALIASES, BACKENDS, BackendError, engine_build_pending
 from .contract import ContractError, describe_contract
 from .io import DiskFullError, InputError
 
@@ -187,6 +187,13 @@ def main() -> None:
     default=None,
     help="Clustering: stop when fewer left [contract].",
 )
+@click.option(
+    "--cluster-device",
+    type=click.Choice(["auto", "cpu", "cuda"], case_sensitive=False),
+    default="auto",
+    show_default=True,
+    help="Where to cluster; auto: on the GPU when the backend runs there and numba sees it.",
+)
 @click.option("--save-seeds", is_flag=True, help="Also write the seediness map to OUT_DIR/seeds/.")
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="CPU threads (ORT intra-op, numba)."
@@ -243,6 +250,7 @@ def predict(
     min_object_size: int | None,
     min_mask_sum: int | None,
     min_unclustered_sum: int | None,
+    cluster_device: str,
     save_seeds: bool,
     threads: int | None,
     channel_axis: int | None,
@@ -294,6 +302,8 @@ def predict(
     except InputError as exc:
         _fail(str(exc))
     warm = _warm_up_clustering()
+    if not quiet and engine_build_pending(model, backend, device, engine_cache):
+        click.echo(f"building a TensorRT engine for {model} on this GPU (once; minutes)", err=True)
     try:
         predictor = Predictor(
             model,
@@ -306,6 +316,7 @@ def predict(
             threads=threads,
             engine_cache=engine_cache,
             thresholds=thresholds,
+            cluster_device=cluster_device,
         )
     except (BackendError, ContractError, InputError, ValueError) as exc:
         _fail(str(exc))
@@ -324,6 +335,12 @@ def predict(
         line = f"backend {described['backend']} on {described['device']} ({described['precision']})"
         if auto:
             line += " [auto]" + "".join(f"; skipped {s['backend']}: {s['reason']}" for s in auto["skipped"])
+        if "engine_built_seconds" in described:
+            built = described["engine_built_seconds"]
+            line += f"; engine built in {built} s, cached as {described['engine']}"
+        line += f"; clustering on {predictor.cluster_device}"
+        if predictor.cluster_note:
+            line += f" ({predictor.cluster_note})"
         click.echo(line, err=True)
         click.echo(
             f"tile {predictor.tile or 'whole image'}, halo {predictor.halo}, tta {predictor.tta}; "

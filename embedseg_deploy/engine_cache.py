@@ -208,7 +208,8 @@ _MODEL_WIRE = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2}
 
 
 def read_onnx_header(path: str | os.PathLike) -> dict[str, Any]:
-    """``ir_version``, ``opset`` (domain -> version), ``producer`` and ``metadata`` of an ONNX file.
+    """``ir_version``, ``opset`` (domain -> version), ``producer``, ``metadata`` and ``inputs`` (the graph's
+    input names, initializers left out) of an ONNX file.
 
     Raises :class:`EngineError` when the file is not a readable ONNX model.
     """
@@ -217,7 +218,7 @@ def read_onnx_header(path: str | os.PathLike) -> dict[str, Any]:
         buf = memoryview(path.read_bytes())
     except OSError as exc:
         raise EngineError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    header: dict[str, Any] = {"ir_version": None, "opset": {}, "producer": "", "metadata": {}}
+    header: dict[str, Any] = {"ir_version": None, "opset": {}, "producer": "", "metadata": {}, "inputs": []}
     has_graph = False
     try:
         for number, wire, value in _fields(buf):
@@ -229,6 +230,7 @@ def read_onnx_header(path: str | os.PathLike) -> dict[str, Any]:
                 header["producer"] = bytes(value).decode("utf-8", "replace")
             elif number == 7:
                 has_graph = True
+                header["inputs"] = _graph_inputs(value)
             elif number == 8:
                 entry = {n: v for n, _, v in _fields(value)}
                 domain = bytes(entry.get(1, b"")).decode("utf-8", "replace") or "ai.onnx"
@@ -243,6 +245,21 @@ def read_onnx_header(path: str | os.PathLike) -> dict[str, Any]:
     if header["ir_version"] is None or not has_graph:
         raise EngineError(f"{path}: not a valid ONNX model (no IR version or no graph)")
     return header
+
+
+def _graph_inputs(graph: memoryview) -> list[str]:
+    """Names of a GraphProto's inputs (field 11, ValueInfoProto name 1) that are not initializers (field 5,
+    TensorProto name 8)."""
+    inputs, weights = [], set()
+    for number, wire, value in _fields(graph):
+        if number in (5, 11) and wire == 2:
+            key = 8 if number == 5 else 1
+            name = next((bytes(v).decode("utf-8") for n, w, v in _fields(value) if n == key and w == 2), "")
+            if number == 5:
+                weights.add(name)
+            else:
+                inputs.append(name)
+    return [n for n in inputs if n not in weights]
 
 
 def onnx_contract(path: str | os.PathLike, header: Mapping[str, Any] | None = None) -> Contract:

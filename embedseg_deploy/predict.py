@@ -112,7 +112,8 @@ class Predictor:
     ``min_object_size``, ``min_mask_sum``, ``min_unclustered_sum``). ``model`` is a path or an already
     created backend. Creating one pins glibc's mmap threshold for the process
     (:func:`embedseg_deploy.memory.limit_heap_fragmentation`), so freed image-sized buffers go back to
-    the system.
+    the system. ``cluster_device``: ``"cuda"`` clusters on the GPU (numba CUDA, the same labels),
+    ``"cpu"`` on the CPU, ``"auto"`` on the GPU when the backend runs there and numba sees a CUDA GPU.
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class Predictor:
         engine_cache: str | os.PathLike | None = None,
         thresholds: Mapping[str, float] | None = None,
         progress: Callable[[int, int], None] | None = None,
+        cluster_device: str = "auto",
     ):
         t0 = time.perf_counter()
         limit_heap_fragmentation()
@@ -169,6 +171,7 @@ class Predictor:
         }
         check_thresholds(self.thresholds)
         self.progress = progress
+        self.cluster_device, self.cluster_note = _cluster_device(cluster_device, self.backend.kind)
         self._sha256: str | None = None
         self._engine_cache = engine_cache
 
@@ -189,6 +192,7 @@ class Predictor:
             "threads": threads or self.threads,
             "engine_cache": None if self._engine_cache is None else str(self._engine_cache),
             "thresholds": dict(self.thresholds),
+            "cluster_device": self.cluster_device,
         }
 
     @property
@@ -218,6 +222,7 @@ class Predictor:
             "tta": self.tta,
             "batch_size": self.batch_size,
             "thresholds": self.thresholds,
+            "cluster_device": self.cluster_device,
             "load_seconds": round(self.load_seconds, 4),
         }
 
@@ -261,6 +266,7 @@ class Predictor:
                 progress=None if self.tta else self.progress,
                 stats=stats,
                 crop=False,
+                least=self.backend.shapes.min_spatial,
             )
 
         if not self.tta:
@@ -277,10 +283,11 @@ class Predictor:
     def cluster(
         self, raw: np.ndarray, origin: Sequence[int] | None = None, return_seeds: bool = False
     ) -> np.ndarray | tuple[np.ndarray, Any]:
-        """Labels of a raw output with this predictor's thresholds (``origin`` shifts returned seeds)."""
-        from .cluster import cluster
+        """Labels of a raw output with this predictor's thresholds (``origin`` shifts returned seeds), on
+        :attr:`cluster_device` (labels come back to the host either way)."""
+        from .cluster import cluster, cluster_cuda
 
-        return cluster(
+        return (cluster_cuda if self.cluster_device == "cuda" else cluster)(
             raw,
             self.contract.spacing,
             origin=None if origin is None else list(origin),
@@ -338,6 +345,33 @@ class Predictor:
     ) -> dict[str, Any]:
         """Segment files, folders and globs into ``out_dir``; see :func:`predict_files`."""
         return predict_files(self, inputs, out_dir, **options)
+
+
+def _cluster_device(choice: str, backend_kind: str) -> tuple[str, str | None]:
+    """Where to cluster ('cpu' or 'cuda') and, when auto mode stays on the CPU beside a GPU backend, why."""
+    choice = choice.lower()
+    if choice not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"cluster_device must be auto, cpu or cuda, got {choice!r}")
+    if choice == "cpu" or (choice == "auto" and backend_kind != "gpu"):
+        return "cpu", None
+    why = _cuda_clustering_problem()
+    if why is None:
+        return "cuda", None
+    if choice == "cuda":
+        raise ValueError(f"cannot cluster on the GPU: {why}")
+    return "cpu", f"clustering on the CPU: {why}"
+
+
+def _cuda_clustering_problem() -> str | None:
+    """None when numba can run the CUDA clustering here, else what is missing."""
+    try:
+        from numba import cuda
+
+        if cuda.is_available():
+            return None
+        return "numba sees no CUDA GPU (numba.cuda.is_available() is False)"
+    except Exception as exc:  # numba-cuda absent, a broken driver, ...
+        return f"numba CUDA is unusable: {type(exc).__name__}: {exc}"
 
 
 def _set_numba_threads(threads: int) -> None:

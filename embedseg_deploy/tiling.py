@@ -106,13 +106,17 @@ def _per_axis(value: int | Sequence[int], ndim: int, name: str) -> tuple[int, ..
     return tuple(int(v) for v in values)
 
 
-def _axis_plan(n: int, before: int, after: int, tile: int, halo: int) -> list[tuple[int, int, int, int]]:
+def _axis_plan(
+    n: int, before: int, after: int, tile: int, halo: int, least: int = 0
+) -> list[tuple[int, int, int, int]]:
     """Tiles along one axis as (start in padded coordinates, core start, core stop, size), cores in padded
-    coordinates."""
+    coordinates. ``least``: the smallest input the network takes (a static-shape model); a shorter axis
+    gets one tile of that size, reflect-padded past the image's end and cropped away after."""
     padded = n + before + after
+    tile = max(tile, least)
     size = min(tile, padded)
     if size == padded:
-        return [(0, 0, padded, size)]
+        return [(0, 0, padded, max(size, least))]
     step = tile - 2 * halo
     count = 1 + -(-(padded - size) // step)
     starts = [min(i * step, padded - size) for i in range(count)]
@@ -131,13 +135,15 @@ def plan_tiles(
     multiple: int = TILE_MULTIPLE,
     placement: str = "center",
     crop: bool = True,
+    least: Sequence[int] | None = None,
 ) -> list[Tile]:
     """Tiles covering an image of spatial ``shape`` (array order), in C order of their positions.
 
     ``tile=None`` means one tile: whole-image prediction. Sizes and halos must be multiples of
     ``multiple``. Along an axis cut into several tiles, a tile must be larger than twice its halo.
     ``crop=False`` keeps the rounding padding in the cores: ``dest`` then indexes the padded image (the
-    output that upstream clusters). See the module docstring for the plan.
+    output that upstream clusters). ``least``: per axis, the smallest tile the network takes (a
+    static-shape model's size): tiles are never smaller. See the module docstring for the plan.
     """
     shape = tuple(int(n) for n in shape)
     ndim = len(shape)
@@ -150,7 +156,11 @@ def plan_tiles(
             raise ValueError(f"tile {list(tiles)} and halo {list(halos)} must be multiples of {multiple}")
         if t < p and t <= 2 * h:  # only an axis cut into several tiles needs a core
             raise ValueError(f"tile {list(tiles)} must be larger than twice the halo {list(halos)}")
-    axes = [_axis_plan(n, b, a, t, h) for n, (b, a), t, h in zip(shape, widths, tiles, halos, strict=True)]
+    mins = _per_axis(0, ndim, "least") if least is None else _per_axis(least, ndim, "least")
+    axes = [
+        _axis_plan(n, b, a, t, h, k)
+        for n, (b, a), t, h, k in zip(shape, widths, tiles, halos, mins, strict=True)
+    ]
     plan = []
     for combo in product(*axes):
         origin, core, dest, size = [], [], [], []
@@ -235,6 +245,7 @@ def predict_tiled(
     stats: dict[str, float] | None = None,
     pad_last_batch: bool = False,
     crop: bool = True,
+    least: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Raw network output (out_channels, *spatial) float32 for ``image`` (C, *spatial), tile by tile.
 
@@ -244,14 +255,15 @@ def predict_tiled(
     ``run`` maps a float32 batch (N, C, *tile) to raw outputs (N, out_channels, *tile). ``progress(done,
     total)`` is called after each batch with tile counts. ``stats`` accumulates seconds under ``'tile'``
     (gathering inputs), ``'network'`` and ``'stitch'``. ``pad_last_batch`` fills a short last batch with
-    zeros so that ``run`` always gets ``batch_size`` tiles. A single tile that needs no cropping is
+    zeros so that ``run`` always gets ``batch_size`` tiles. ``least``: the smallest input the network takes
+    per axis (:func:`plan_tiles`). A single tile that needs no cropping is
     returned as the network's own output buffer, not copied (whole-volume 3D outputs are ~0.5 GB).
     """
     if image.ndim < 2:
         raise ValueError(f"image must be (C, *spatial), got shape {image.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    plan = plan_tiles(image.shape[1:], tile, halo, multiple, placement, crop)
+    plan = plan_tiles(image.shape[1:], tile, halo, multiple, placement, crop, least)
     widths = [(0, 0)] * (image.ndim - 1) if crop else pad_widths(image.shape[1:], multiple, placement)
     out_shape = (out_channels, *(n + b + a for n, (b, a) in zip(image.shape[1:], widths, strict=True)))
     out = None

@@ -273,6 +273,16 @@ def test_torch_backend_matches_onnx_runtime(tmp_path_factory):
     np.testing.assert_allclose(torch_backend.run(x), ort_backend.run(x), atol=1e-4)
 
 
+def _need_gpu() -> None:
+    """Skip when this machine has no CUDA GPU; anything else that goes wrong on a GPU machine must fail."""
+    from embedseg_deploy.engine_cache import EngineError, gpu_info
+
+    try:
+        gpu_info()
+    except EngineError as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["onnx-cuda", "onnx-trt"])
 def test_gpu_backends_match_cpu(name, toy2d, tmp_path):
@@ -280,10 +290,8 @@ def test_gpu_backends_match_cpu(name, toy2d, tmp_path):
         pytest.skip(
             f"{name}: this onnxruntime has no {onnx_backend.PROVIDER_OF[name]} (no GPU build installed)"
         )
-    try:
-        gpu = create_backend(toy2d, name, engine_cache=tmp_path / "trt")
-    except BackendError as exc:
-        pytest.skip(f"{name} cannot run here: {exc}")
+    _need_gpu()
+    gpu = create_backend(toy2d, name, engine_cache=tmp_path / "trt")  # a failure here is a failure
     x = np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)
     np.testing.assert_allclose(gpu.run(x), create_backend(toy2d, "onnx-cpu").run(x), atol=1e-3)
 
@@ -291,9 +299,109 @@ def test_gpu_backends_match_cpu(name, toy2d, tmp_path):
 @pytest.mark.trt
 def test_native_tensorrt_matches_cpu(toy2d, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
-    try:
-        trt = create_backend(toy2d, "tensorrt", engine_cache=tmp_path)
-    except BackendError as exc:
-        pytest.skip(f"tensorrt cannot run here: {exc}")
+    _need_gpu()
+    trt = create_backend(toy2d, "tensorrt", engine_cache=tmp_path)
     x = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
     np.testing.assert_allclose(trt.run(x), create_backend(toy2d, "onnx-cpu").run(x), atol=1e-3)
+
+
+def test_static_model_takes_images_smaller_and_larger_than_its_shape(tmp_path):
+    """A static 32x48 model: a 20x30 image is reflect-padded up to the model's shape (it used to be refused
+    as "below the smallest supported"), a 70x100 image is tiled; both give the dynamic model's labels."""
+    from embedseg_deploy.predict import Predictor
+
+    static = Predictor(toy_onnx(tmp_path / "static.onnx", 2, static_shape=(32, 48)), "onnx-cpu", halo=8)
+    dynamic = Predictor(toy_onnx(tmp_path / "dynamic.onnx", 2), "onnx-cpu", tile=0)
+    rng = np.random.default_rng(3)
+    for shape in ((20, 30), (70, 100)):
+        image = rng.random(shape, dtype=np.float32)
+        image[4:12, 6:16] += 4.0
+        expected = dynamic.predict(image)
+        assert expected.max() >= 1
+        np.testing.assert_array_equal(static.predict(image), expected)
+
+
+def test_tensorrt_ep_gets_shape_profiles_and_fp32_means_fp32(toy2d):
+    """The TensorRT EP is given the contract's GPU profile (without one it rebuilds its engine for every
+    new tile shape) and the CUDA EP keeps fp32 layers out of TF32 unless asked."""
+    from embedseg_deploy.engine_cache import read_onnx_header
+
+    assert read_onnx_header(toy2d)["inputs"] == ["input"]
+    profile = onnx_backend._default_trt_profile(toy2d)
+    assert profile == {"min": (1, 1, 8, 8), "opt": (1, 1, 128, 128), "max": (1, 1, 144, 144)}
+    trt, cuda = onnx_backend.gpu_providers(
+        onnx_backend.TRT_EP, 1, None, profile, onnx_backend._input_name(toy2d)
+    )
+    assert trt[0] == onnx_backend.TRT_EP and cuda[0] == onnx_backend.CUDA_EP
+    assert trt[1]["trt_profile_min_shapes"] == "input:1x1x8x8"
+    assert trt[1]["trt_profile_opt_shapes"] == "input:1x1x128x128"
+    assert trt[1]["trt_profile_max_shapes"] == "input:1x1x144x144"
+    assert trt[1]["device_id"] == cuda[1]["device_id"] == "1"
+    assert cuda[1]["use_tf32"] == "0"
+    (only_cuda,) = onnx_backend.gpu_providers(onnx_backend.CUDA_EP, tf32=True)
+    assert only_cuda[1]["use_tf32"] == "1"
+
+
+def test_tensorrt_ep_session_is_built_with_the_profile(toy2d, monkeypatch):
+    """End to end through a fake session: the providers the TensorRT EP session is created with carry the
+    profile, the tiler is kept inside it, and an fp32 model on the TensorRT EP reports tf32."""
+    import onnxruntime as ort
+
+    seen = {}
+    real_session = ort.InferenceSession
+
+    class Session:
+        def __init__(self, path, sess_options=None, providers=None):
+            seen["providers"] = providers
+            self._real = real_session(path, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return [onnx_backend.TRT_EP, onnx_backend.CUDA_EP]
+
+        def __getattr__(self, name):
+            return getattr(self._real, name)
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [onnx_backend.TRT_EP, onnx_backend.CPU_EP])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    backend = create_backend(toy2d, "onnx-trt")
+    assert dict(seen["providers"])[onnx_backend.TRT_EP]["trt_profile_max_shapes"] == "input:1x1x144x144"
+    assert backend.shapes.min_spatial == (8, 8) and backend.shapes.max_spatial == (144, 144)
+    assert backend.shapes.max_batch == 1 and backend.precision == "tf32"
+    assert backend.describe()["trt_profile"]["opt"] == [1, 1, 128, 128]
+
+
+def test_auto_uses_only_a_cached_tensorrt_engine_and_survives_any_error(toy2d, monkeypatch, tmp_path):
+    """With tensorrt importable, auto mode neither builds an engine (minutes, at model loading) nor crashes
+    when something other than a BackendError goes wrong: it says why and moves on."""
+    import importlib.util
+
+    import embedseg_deploy.backends as backends
+    from embedseg_deploy import engine_cache
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return object() if name == "tensorrt" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(engine_cache.EngineCache, "lookup", lambda self, path, *a, **k: None)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("auto mode must not build an engine")
+
+    monkeypatch.setattr(engine_cache.EngineCache, "get", no_build)
+    backend = create_backend(toy2d, "auto", engine_cache=tmp_path)
+    skipped = backend.info["auto"]["skipped"]
+    assert skipped[0]["backend"] == "tensorrt"
+    assert f"no TensorRT engine for {toy2d.name}" in skipped[0]["reason"]
+    assert "--backend tensorrt" in skipped[0]["reason"]
+    assert backends.engine_build_pending(toy2d, "trt", engine_cache=tmp_path)
+    assert not backends.engine_build_pending(toy2d, "onnx-cpu")
+
+    def broken(self, path, *a, **k):
+        raise KeyError("compute_capability")
+
+    monkeypatch.setattr(engine_cache.EngineCache, "lookup", broken)
+    backend = create_backend(toy2d, "auto", engine_cache=tmp_path)
+    assert backend.name == "onnx-cpu"
+    assert backend.info["auto"]["skipped"][0]["reason"] == "KeyError: 'compute_capability'"

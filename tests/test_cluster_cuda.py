@@ -176,3 +176,44 @@ for shape, n, radius in [((512, 512), 300, 8.0), ((2048, 2048), 3000, 8.0), ((32
     results.append({"shape": shape, "labels": int(cpu.max()), "same": bool(np.array_equal(cpu, gpu))})
 print(json.dumps(results))
 """
+
+
+PREDICT_SCRIPT = """
+import json
+import tempfile
+from pathlib import Path
+import numpy as np
+from embedseg_deploy.backends import create_backend
+from embedseg_deploy.predict import Predictor
+from tests._runtime_models import toy_onnx
+
+model = toy_onnx(Path(tempfile.mkdtemp()) / "toy.onnx", 2)
+backend = create_backend(model, "onnx-cpu")
+image = np.zeros((40, 52), np.float32)
+image[5:15, 6:18] = 5.0
+image[22:34, 26:40] = 5.0
+cpu = Predictor(backend, tile=0)
+expected = cpu.predict(image)
+backend.device = "cuda:0"  # the same network, described as a GPU backend: auto clusters on the GPU
+auto = Predictor(backend, tile=0)
+labels = auto.predict(image)
+print(json.dumps({
+    "cpu": cpu.cluster_device, "auto": auto.cluster_device, "note": auto.cluster_note,
+    "same": bool((labels == expected).all()), "objects": int(expected.max()),
+}))
+"""
+
+
+@pytest.mark.cudasim
+def test_predictor_clusters_on_the_gpu_beside_a_gpu_backend() -> None:
+    """`embedseg-run` reaches the CUDA clustering: a GPU backend's output is clustered by numba CUDA (here
+    the simulator), with the CPU's labels; without a usable GPU auto mode stays on the CPU and says why."""
+    done = run_python(PREDICT_SCRIPT, NUMBA_ENABLE_CUDASIM="1")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"cpu": "cpu", "auto": "cuda", "note": None, "same": True, "objects": 2}
+    done = run_python(PREDICT_SCRIPT, NUMBA_ENABLE_CUDASIM="0")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["auto"] == "cpu":  # no GPU here: the reason is given
+        assert "clustering on the CPU" in result["note"] and result["same"]

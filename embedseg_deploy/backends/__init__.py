@@ -1,9 +1,10 @@
 """Inference backends behind one small interface (see embedseg_deploy.backends.base).
 
 :func:`create_backend` opens a model file on a named backend, or with ``"auto"`` on the fastest one that
-really runs here (for ONNX models: native TensorRT with a cached engine, the TensorRT EP, the CUDA EP,
-then the CPU), and records why the faster ones
-were passed over. An explicitly named backend that cannot run is an error, never a silent CPU run.
+really runs here (for ONNX models: native TensorRT with an engine already in the cache, the TensorRT EP,
+the CUDA EP, then the CPU), and records why the faster ones were passed over. Auto mode never builds a
+TensorRT engine (minutes, during model loading): it says that one could be built, and how. An explicitly
+named backend that cannot run is an error, never a silent CPU run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 CHECKPOINT_SUFFIXES = (".pth", ".pt")
 AUTO_ONNX_ORDER = ("onnx-trt", "onnx-cuda", "onnx-cpu")
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "ShapeSpec", "create_backend", "model_kind", "parse_device"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendError",
+    "ShapeSpec",
+    "create_backend",
+    "engine_build_pending",
+    "model_kind",
+    "parse_device",
+]
 
 
 def model_kind(path: str | os.PathLike) -> str:
@@ -113,6 +123,39 @@ def _open(name, path, kind, device_id, threads, engine_cache, options) -> Backen
     )
 
 
+def engine_build_pending(
+    model: str | os.PathLike, backend: str, device: str | int | None = None, engine_cache=None
+) -> bool:
+    """True when opening ``model`` on ``backend`` will build a TensorRT engine first (native TensorRT named
+    for an ONNX model with no engine cached for this GPU): the CLI says so before the wait."""
+    name = ALIASES.get(backend.lower(), backend.lower())
+    if name != "tensorrt" or model_kind(model) != "onnx" or not Path(model).is_file():
+        return False
+    try:
+        _cached_engine(Path(model), parse_device(device)[1], engine_cache)
+    except BackendError:
+        return True
+    except Exception:  # no TensorRT or no GPU: opening the backend will say so
+        return False
+    return False
+
+
+def _cached_engine(path: Path, device_id: int, engine_cache) -> Path:
+    """The engine the cache already holds for ``path`` on this GPU; a BackendError saying how to build one
+    otherwise (auto mode never builds: that takes minutes)."""
+    from ..engine_cache import EngineCache
+
+    cache = EngineCache(engine_cache, device_id)
+    found = cache.lookup(path)
+    if found is None:
+        raise BackendError(
+            f"no TensorRT engine for {path.name} on this GPU in {cache.root} yet; build one once with "
+            f"`embedseg-run predict --backend tensorrt ...` or `embedseg-export trt {path}` (minutes), "
+            "later runs pick it up"
+        )
+    return found
+
+
 def _auto(path, kind, device_id, threads, engine_cache, options) -> Backend:
     mk = model_kind(path)
     if mk == "engine":
@@ -125,7 +168,7 @@ def _auto(path, kind, device_id, threads, engine_cache, options) -> Backend:
         listed = available_providers()
         order = tuple(n for n in AUTO_ONNX_ORDER if PROVIDER_OF[n] in listed)
         if importlib.util.find_spec("tensorrt") is not None:
-            order = ("tensorrt", *order)  # engine built on first use, cached per machine
+            order = ("tensorrt", *order)  # only with an engine already cached (see _cached_engine)
         if kind == "cpu":
             order = ("onnx-cpu",)
         elif kind == "cuda":
@@ -135,12 +178,15 @@ def _auto(path, kind, device_id, threads, engine_cache, options) -> Backend:
     skipped: list[dict[str, str]] = []
     for name in order:
         try:
+            if name == "tensorrt" and mk == "onnx":
+                _cached_engine(path, device_id, engine_cache)
             backend = _open(name, path, kind, device_id, threads, engine_cache, dict(options))
-        except BackendError as exc:
+        except Exception as exc:  # any failure moves on: a build error of one backend is not the run's
+            reason = str(exc) if isinstance(exc, BackendError) else f"{type(exc).__name__}: {exc}"
             if len(order) == 1 or name == order[-1]:
                 detail = "; ".join(f"{s['backend']}: {s['reason']}" for s in skipped)
-                raise BackendError(f"{exc}" + (f" (also tried {detail})" if detail else "")) from None
-            skipped.append({"backend": name, "reason": str(exc)})
+                raise BackendError(f"{reason}" + (f" (also tried {detail})" if detail else "")) from None
+            skipped.append({"backend": name, "reason": reason})
             continue
         backend.info["auto"] = {"chosen": name, "skipped": skipped}
         return backend

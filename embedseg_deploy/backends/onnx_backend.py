@@ -103,6 +103,7 @@ class OnnxRuntimeBackend(Backend):
         cuda_options: dict[str, Any] | None = None,
         session_config: dict[str, str] | None = None,
         shrink_arena: bool = True,
+        tf32: bool = False,
     ):
         if backend not in PROVIDER_OF:
             raise BackendError(f"unknown onnxruntime backend {backend!r}; choose from {sorted(PROVIDER_OF)}")
@@ -126,33 +127,18 @@ class OnnxRuntimeBackend(Backend):
         for key, value in {**DEFAULT_SESSION_CONFIG, **(session_config or {})}.items():
             opts.add_session_config_entry(str(key), str(value))
         providers: list[Any]
+        trt_shapes: dict[str, tuple[int, ...]] | None = None
         if provider == CPU_EP:
             providers = [CPU_EP]
             if shrink_arena and _linear_cpu_arena(ort):
                 opts.add_session_config_entry("session.use_env_allocators", "1")
         else:
             opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-            cuda = {
-                "device_id": str(device_id),
-                "cudnn_conv_algo_search": "HEURISTIC",
-                **(cuda_options or {}),
-            }
-            providers = [(CUDA_EP, cuda)]
             if provider == TRT_EP:
-                trt: dict[str, Any] = {"device_id": str(device_id)}
-                if engine_cache is not None:
-                    Path(engine_cache).mkdir(parents=True, exist_ok=True)
-                    trt.update(
-                        trt_engine_cache_enable="True",
-                        trt_engine_cache_path=str(engine_cache),
-                        trt_timing_cache_enable="True",
-                        trt_timing_cache_path=str(engine_cache),
-                    )
-                if trt_profile:
-                    input_name = _export_facts(path).get("input", "image")
-                    shapes = _profile_strings(trt_profile, input_name)
-                    trt.update({f"trt_profile_{k}_shapes": v for k, v in shapes.items()})
-                providers.insert(0, (TRT_EP, trt))
+                trt_shapes = dict(trt_profile) if trt_profile else _default_trt_profile(path)
+            providers = gpu_providers(
+                provider, device_id, engine_cache, trt_shapes, _input_name(path), tf32, cuda_options
+            )
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own pybind exception types
@@ -169,19 +155,26 @@ class OnnxRuntimeBackend(Backend):
         _check_output(session, contract, path)
         io_type = session.get_inputs()[0].type
         export = contract.provenance.get("export") or {}
-        precision = export.get("precision") or ("fp16" if "float16" in io_type else "fp32")
+        precision = str(export.get("precision") or ("fp16" if "float16" in io_type else "fp32"))
+        if precision == "fp32" and (provider == TRT_EP or (provider == CUDA_EP and tf32)):
+            precision = "tf32"  # what may run: the TensorRT EP has no switch to keep fp32 layers from TF32
+        shapes = _shape_spec(session, contract)
+        if trt_shapes:  # the tiler stays inside the profile: a shape outside it would rebuild the engine
+            lo, hi = trt_shapes["min"], trt_shapes["max"]
+            shapes = ShapeSpec(contract.ndim, contract.tile_multiple, tuple(lo[2:]), tuple(hi[2:]), hi[0])
         super().__init__(
             name=backend,
             device="cpu" if provider == CPU_EP else f"cuda:{device_id}",
-            precision=str(precision),
+            precision=precision,
             contract=contract,
-            shapes=_shape_spec(session, contract),
+            shapes=shapes,
             model_path=path,
             info={
                 "onnxruntime": ort.__version__,
                 "providers": got,
                 "threads": threads,
                 "engine_cache": str(engine_cache) if engine_cache else None,
+                **({"trt_profile": {k: list(v) for k, v in trt_shapes.items()}} if trt_shapes else {}),
             },
         )
         self.session = session
@@ -204,6 +197,58 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self.session = None
+
+
+def gpu_providers(
+    provider: str,
+    device_id: int = 0,
+    engine_cache: str | os.PathLike | None = None,
+    trt_profile: dict[str, tuple[int, ...]] | None = None,
+    input_name: str = "image",
+    tf32: bool = False,
+    cuda_options: dict[str, Any] | None = None,
+) -> list[Any]:
+    """The ``providers`` list of a CUDA or TensorRT EP session.
+
+    The CUDA EP keeps fp32 layers in fp32 (``use_tf32=0``) unless ``tf32``: native TensorRT engines clear
+    TF32 for fp32 too, so "fp32" means the same on every backend. The TensorRT EP gets explicit shape
+    profiles (``trt_profile``: full input shapes under ``min``/``opt``/``max``); without them it builds an
+    engine for the first shape it sees and rebuilds, for minutes, whenever a tile falls outside it.
+    """
+    cuda = {
+        "device_id": str(device_id),
+        "cudnn_conv_algo_search": "HEURISTIC",
+        "use_tf32": "1" if tf32 else "0",
+        **(cuda_options or {}),
+    }
+    providers: list[Any] = [(CUDA_EP, cuda)]
+    if provider == TRT_EP:
+        trt: dict[str, Any] = {"device_id": str(device_id)}
+        if engine_cache is not None:
+            Path(engine_cache).mkdir(parents=True, exist_ok=True)
+            trt.update(
+                trt_engine_cache_enable="True",
+                trt_engine_cache_path=str(engine_cache),
+                trt_timing_cache_enable="True",
+                trt_timing_cache_path=str(engine_cache),
+            )
+        if trt_profile:
+            shapes = _profile_strings(trt_profile, input_name)
+            trt.update({f"trt_profile_{k}_shapes": v for k, v in shapes.items()})
+        providers.insert(0, (TRT_EP, trt))
+    return providers
+
+
+def _default_trt_profile(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """The contract's GPU profile (min one multiple per axis, opt the tile, max tile + 2 halo; batch 1),
+    the one native TensorRT engines are built with; None when the file holds no readable contract."""
+    try:
+        from ..engine_cache import default_profile, onnx_contract
+
+        profile = default_profile(onnx_contract(path))
+    except Exception:
+        return None
+    return {"min": profile.min, "opt": profile.opt, "max": profile.max}
 
 
 def _check_output(session: Any, contract: Any, path: Path) -> None:
@@ -232,14 +277,14 @@ def _check_output(session: Any, contract: Any, path: Path) -> None:
         )
 
 
-def _export_facts(path: Path) -> dict[str, Any]:
-    """``contract.provenance['export']`` read without onnxruntime (input/output names, precision)."""
+def _input_name(path: Path) -> str:
+    """The graph's input name, read without onnxruntime (the TensorRT EP's profile strings name it)."""
     try:
-        from ..engine_cache import onnx_contract
+        from ..engine_cache import read_onnx_header
 
-        return dict(onnx_contract(path).provenance.get("export") or {})
+        return (read_onnx_header(path)["inputs"] or ["image"])[0]
     except Exception:
-        return {}
+        return "image"
 
 
 def _profile_strings(profile: dict[str, tuple[int, ...]], input_name: str) -> dict[str, str]:

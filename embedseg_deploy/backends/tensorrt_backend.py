@@ -21,6 +21,7 @@ says to rebuild the engine on this PC, never a crash inside TensorRT.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +47,16 @@ class TensorRTBackend(Backend):
         path = Path(model_path)
         if not path.is_file():
             raise BackendError(f"{path}: model file not found")
+        built: float | None = None
         try:
             if path.suffix.lower() == ".onnx":
-                path = EngineCache(engine_cache, device_id).get(path)
+                cache = EngineCache(engine_cache, device_id)
+                if cache.lookup(path) is None:
+                    start = time.perf_counter()
+                    path = cache.get(path)
+                    built = round(time.perf_counter() - start, 2)
+                else:
+                    path = cache.get(path)
             doc = read_sidecar(path)
             contract, facts = Contract.from_dict(doc["contract"]), dict(doc["engine"])
             env = local_environment(device_id)
@@ -80,6 +88,8 @@ class TensorRTBackend(Backend):
                 "gpu": env["gpu_name"],
                 "compute_capability": env["compute_capability"],
                 "profile": [list(lo), list(hi)],
+                "engine": str(path),
+                **({"engine_built_seconds": built} if built is not None else {}),
             },
         )
 
