@@ -65,3 +65,17 @@ def test_every_runtime_module_imports_without_torch():
     proc = run_without_torch(code, *modules)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == f"ok {len(modules)}"
+
+
+def test_gpu_extras_pin_one_cuda_major():
+    """onnxruntime-gpu, numba-cuda, TensorRT and cuda-python all for CUDA 13: two majors in one process
+    load two CUDA runtimes (the gpu and trt extras are meant to be installed together)."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    gpu = extras["gpu"] + extras["trt"]
+    assert not [r for r in gpu if re.search(r"cu1[0-2]\b|cuda-python>=12", r)], gpu
+    assert any(r.startswith("onnxruntime-gpu") and ">=1.27" in r for r in gpu)  # its first CUDA 13 build
+    assert any("numba-cuda[cu13]" in r for r in gpu) and any(r.startswith("tensorrt-cu13") for r in gpu)
+    assert any(r.startswith("cuda-python>=13,<14") for r in gpu)
