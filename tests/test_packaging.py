@@ -71,6 +71,7 @@ def test_gpu_extras_pin_one_cuda_major():
     """onnxruntime-gpu, numba-cuda, TensorRT and cuda-python all for CUDA 13: two majors in one process
     load two CUDA runtimes (the gpu and trt extras are meant to be installed together)."""
     import re
+
     import tomllib
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]

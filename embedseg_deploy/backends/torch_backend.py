@@ -17,7 +17,13 @@ from .base import Backend, BackendError, ShapeSpec
 class TorchBackend(Backend):
     """A checkpoint loaded with ``embedseg_training.checkpoint.load_model`` (weights only)."""
 
-    def __init__(self, model_path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        device: str = "cpu",
+        threads: int | None = None,
+        tf32: bool = False,
+    ):
         path = Path(model_path)
         if not path.is_file():
             raise BackendError(f"{path}: checkpoint file not found")
@@ -41,10 +47,14 @@ class TorchBackend(Backend):
             raise BackendError(f"{path}: cannot load the checkpoint: {text}") from None
         self._torch = torch
         self._model = model.eval().to(device)
+        on_gpu = device.startswith("cuda")
+        if on_gpu:  # torch lets cuDNN convolutions use TF32 by default; "fp32" means fp32 on every backend
+            torch.backends.cudnn.allow_tf32 = bool(tf32)
+            torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
         super().__init__(
             name="torch",
             device=device,
-            precision="fp32",
+            precision="tf32" if on_gpu and tf32 else "fp32",
             contract=contract,
             shapes=ShapeSpec(contract.ndim, contract.tile_multiple),
             model_path=path,
