@@ -264,7 +264,8 @@ def predict(
     dask_workers: int | None,
     quiet: bool,
 ) -> None:
-    """Segment INPUT files, folders or globs with MODEL (.onnx, .engine or a .pth checkpoint).
+    """Segment INPUT files, folders or globs with MODEL (.onnx, .engine, a .pth checkpoint or a bioimage.io
+    .zip package).
 
     INPUT may be TIFF files or OME-Zarr images (NGFF 0.4/0.5 stores). Outputs go to OUT_DIR/<name>.tif
     (OUT_DIR/<name>.ome.zarr label images for OME-Zarr inputs) with a summary.json that grows as files

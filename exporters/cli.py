@@ -2,6 +2,7 @@
 
     embedseg-export onnx CHECKPOINT -o model.onnx [--precision fp16] [--no-verify] [--force]
     embedseg-export trt model.onnx -o model.engine [--tile 256x256/512x512/512x512] [--precision fp16]
+    embedseg-export bioimageio MODEL -o model.zip [--name ...] [--author ...] [--test-image image.tif]
     embedseg-export info MODEL
 
 Every command fails with a one-line reason and exit status 1 on bad input; outputs are never overwritten
@@ -44,6 +45,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("embedseg_training.checkpoint", "CheckpointError"),
         ("embedseg_exporters.onnx_export", "ExportError"),
         ("embedseg_exporters.fp16", "Fp16Error"),
+        ("embedseg_exporters.bioimageio", "BioimageioError"),
+        ("embedseg_deploy.backends", "BackendError"),
+        ("embedseg_deploy.io", "InputError"),
     ):
         with contextlib.suppress(ImportError):  # its extra is missing: the command that needs it says so
             errors += (getattr(importlib.import_module(module), name),)
@@ -252,6 +256,83 @@ def trt_command(
     click.echo(
         f"wrote {path} + {path.name}.json (TensorRT {facts['tensorrt_version']}, {facts['gpu_name']}, "
         f"sm {facts['compute_capability']}, {facts['precision']}, {facts['build_seconds']} s)"
+    )
+
+
+@main.command("bioimageio")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), required=True, help="Package (.zip) to write."
+)
+@click.option("--name", default=None, help="Model name [EmbedSeg <n>D <model file stem>].")
+@click.option("--description", default=None, help="One-paragraph description.")
+@click.option("--author", "authors", multiple=True, help="Author name; repeat for several.")
+@click.option("--license", "license_id", default="CC-BY-4.0", show_default=True, help="SPDX license id.")
+@click.option("--tag", "tags", multiple=True, help="Extra tag; repeat for several.")
+@click.option(
+    "--test-image",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TIFF for the test tensors and cover (cropped to multiples of 8) [a synthetic image].",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="From a checkpoint: the ONNX weights' precision.",
+)
+@click.option(
+    "--validate/--no-validate",
+    default=True,
+    show_default=True,
+    help="bioimageio.spec validation and bioimageio.core's model test, where installed.",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def bioimageio_command(
+    model, output, name, description, authors, license_id, tags, test_image, precision, validate, force
+):
+    """Package MODEL (an ONNX model from `embedseg-export onnx`, or a checkpoint) for bioimage.io."""
+    import tempfile
+
+    try:
+        kind = detect_kind(model)
+        if kind == "engine":
+            expect_kind(model, "onnx", "embedseg-export bioimageio")
+        image = None
+        if test_image is not None:
+            from embedseg_deploy.io import read_tiff
+
+            image = read_tiff(test_image).data
+        from .bioimageio import export_bioimageio
+
+        with tempfile.TemporaryDirectory() as folder:
+            onnx = model
+            if kind == "checkpoint":
+                require("embedseg-export bioimageio CHECKPOINT", "export", "torch", "onnx")
+                from .onnx_export import export_checkpoint
+
+                onnx = Path(folder) / f"{model.stem}.onnx"
+                exported = export_checkpoint(model, onnx, precision=precision)
+                click.echo("\n".join(exported.report.lines()) if exported.report else f"exported {onnx.name}")
+            package = export_bioimageio(
+                onnx,
+                output,
+                name=name,
+                description=description,
+                authors=list(authors) or None,
+                license=license_id,
+                tags=list(tags),
+                image=image,
+                force=force,
+                validate=validate,
+            )
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    for check, verdict in package.validation.items():
+        click.echo(f"{check}: {verdict}")
+    click.echo(
+        f"wrote {package.path} (bioimage.io {package.description['format_version']}, "
+        f"{package.n_objects} objects in the test image, {package.seconds:.1f} s)"
     )
 
 

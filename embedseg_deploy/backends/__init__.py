@@ -42,8 +42,10 @@ __all__ = [
 
 
 def model_kind(path: str | os.PathLike) -> str:
-    """'engine', 'checkpoint' or 'onnx', from the file name."""
+    """'engine', 'checkpoint', 'package' (a bioimage.io zip) or 'onnx', from the file name."""
     suffix = Path(path).suffix.lower()
+    if suffix == ".zip":
+        return "package"
     if suffix in ENGINE_SUFFIXES:
         return "engine"
     if suffix in CHECKPOINT_SUFFIXES:
@@ -90,9 +92,21 @@ def create_backend(
     if path.is_dir():
         raise BackendError(f"{path}: is a directory, not a model file")
     kind, device_id = parse_device(device)
+    package = None
+    if model_kind(path) == "package":
+        from ..bioimageio import PackageError, extract_onnx
+
+        try:
+            package, path = path, extract_onnx(path)
+        except PackageError as exc:
+            raise BackendError(str(exc)) from None
     if name == "auto":
-        return _auto(path, kind, device_id, threads, engine_cache, options)
-    return _open(name, path, kind, device_id, threads, engine_cache, options)
+        backend = _auto(path, kind, device_id, threads, engine_cache, options)
+    else:
+        backend = _open(name, path, kind, device_id, threads, engine_cache, options)
+    if package is not None:
+        backend.info["package"] = str(package)
+    return backend
 
 
 def _open(name, path, kind, device_id, threads, engine_cache, options) -> Backend:
