@@ -204,7 +204,7 @@ def test_export_cli_from_a_checkpoint_and_a_test_image(tmp_path):
     with zipfile.ZipFile(out) as zf:
         doc = yaml.safe_load(zf.read("rdf.yaml"))
         test_in = np.load(io.BytesIO(zf.read("test_input.npy")))
-    assert doc["name"] == "nuclei 3D" and test_in.shape == (1, 1, 24, 88, 88)  # 30x90x90, cut to multiples of 8
+    assert doc["name"] == "nuclei 3D" and test_in.shape == (1, 1, 24, 88, 88)  # 30x90x90 cut to 8s
     assert [a["id"] for a in doc["inputs"][0]["axes"] if a["type"] == "space"] == ["z", "y", "x"]
     if HAVE_CORE:
         assert "model test passed" in result.output
