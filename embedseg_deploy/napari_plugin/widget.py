@@ -35,6 +35,12 @@ from .session import Cancelled, ModelError, NetworkOutput, Session, layer_proble
 BACKEND_CHOICES = ["auto", "onnx-cpu", "onnx-cuda", "onnx-trt", "tensorrt"]
 
 
+def _warm_up() -> None:
+    from ..cluster import warm_up
+
+    warm_up()
+
+
 class _Bridge(QObject):
     """Carries progress from the worker thread to the widget (a queued signal)."""
 
@@ -96,6 +102,7 @@ class SegmentWidget(Container):
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(lambda *_: self.image.reset_choices())
         self._on_model()
+        threading.Thread(target=_warm_up, daemon=True).start()  # numba's clustering, before it is needed
 
     # ------------------------------------------------------------------------------------------ state
     def _image_layers(self, *_: Any) -> list[str]:
