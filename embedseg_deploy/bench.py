@@ -193,6 +193,7 @@ class Target:
             return cluster(raw, origin, return_seeds)
 
         backend.run = timed_run  # type: ignore[method-assign]  # instance attribute shadows the method
+        backend.asynchronous = False  # one call at a time, so that each call's time is the network's
         predictor.cluster = keep_raw  # type: ignore[method-assign]
 
     @property

@@ -31,6 +31,7 @@ The sidecar layout is ``{"contract": {...}, "engine": {...}}``; ``engine`` holds
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -391,14 +392,20 @@ def engine_problems(facts: Mapping[str, Any], env: Mapping[str, str]) -> list[st
 
 
 class EngineRunner:
-    """A deserialized engine (one input, one output) run synchronously on host arrays.
+    """A deserialized engine (one input, one output) run on host arrays, one call in flight behind another.
 
     The one engine runner of the project: the runtime's ``tensorrt`` backend and the exporter's verification
     both use it. Each call picks the optimisation profile whose [min, max] holds the input shape (the
-    active one when it does, so profiles only switch when needed), reuses the device buffers when the data
-    fits (reallocating only to grow), and copies host <-> device on its own stream through cuda-python.
-    Errors are :class:`EngineError`; the backend turns them into ``BackendError`` at its boundary.
+    active one when it does, so profiles only switch when needed) and reuses its buffers when the data fits
+    (reallocating only to grow). Host data passes through page-locked (pinned) staging buffers, which the
+    copies can use directly (pageable memory is staged by the driver, synchronously), and there are two
+    of them per tensor: :meth:`submit` queues the copies and the execution on the runner's stream and
+    returns at once, so the caller can prepare the next tile while the GPU works; :meth:`wait` (after the
+    call's event) copies the output out of its staging buffer. ``runner(x)`` is both. Errors are
+    :class:`EngineError`; the backend turns them into ``BackendError`` at its boundary.
     """
+
+    SLOTS = 2
 
     def __init__(self, engine: bytes | str | os.PathLike, device_id: int = 0):
         where = "" if isinstance(engine, bytes | bytearray | memoryview) else f"{engine}: "
@@ -431,6 +438,9 @@ class EngineRunner:
         self.stream = cuda_check(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self.profile = 0  # a new context starts on profile 0
         self._buffers: dict[str, tuple[int, int]] = {}  # tensor name -> (device pointer, bytes)
+        self._pinned: dict[tuple[str, int], tuple[int, int]] = {}  # (tensor, slot) -> (host pointer, bytes)
+        self._events = [cuda_check(cudart.cudaEventCreate(), "cudaEventCreate") for _ in range(self.SLOTS)]
+        self._next = 0  # the slot the next submit uses
 
     def select_profile(self, shape: Sequence[int]) -> int:
         """Make a profile that holds ``shape`` active (the current one when it does) and return its index."""
@@ -453,24 +463,46 @@ class EngineRunner:
         return self.profile
 
     def _buffer(self, name: str, nbytes: int) -> int:
-        """A device buffer of at least ``nbytes`` for ``name``, reused across calls, grown when too small."""
+        """A device buffer of at least ``nbytes`` for ``name``, reused across calls, grown when too small.
+        Calls run in stream order, so one device buffer per tensor serves both slots."""
         ptr, size = self._buffers.get(name, (0, 0))
         if size < nbytes:
             if ptr:
+                cuda_check(self._cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
                 cuda_check(self._cudart.cudaFree(ptr), "cudaFree")
                 del self._buffers[name]
             ptr = int(cuda_check(self._cudart.cudaMalloc(nbytes), "cudaMalloc"))
             self._buffers[name] = (ptr, nbytes)
         return ptr
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        """The engine's output for the host array ``x`` (full input shape), as float32."""
+    def _host(self, name: str, slot: int, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        """A pinned host array of ``shape`` for ``name`` in ``slot`` (grown when too small)."""
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        ptr, size = self._pinned.get((name, slot), (0, 0))
+        if size < nbytes:
+            if ptr:
+                cuda_check(self._cudart.cudaFreeHost(ptr), "cudaFreeHost")
+                del self._pinned[(name, slot)]
+            ptr = int(cuda_check(self._cudart.cudaMallocHost(max(nbytes, 1)), "cudaMallocHost"))
+            self._pinned[(name, slot)] = (ptr, nbytes)
+        raw = (ctypes.c_uint8 * nbytes).from_address(ptr)
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(shape))
+
+    def submit(self, x: np.ndarray) -> tuple[int, tuple[int, ...]]:
+        """Queue ``x`` (full input shape): copy in, execute, copy out, on the runner's stream; returns the
+        handle for :meth:`wait`. At most :attr:`SLOTS` calls may be waiting at once."""
         cudart, ctx = self._cudart, self.context
-        host_in = np.ascontiguousarray(x, dtype=self.in_dtype)
-        self.select_profile(host_in.shape)
-        if not ctx.set_input_shape(self.input, host_in.shape):
-            raise EngineError(f"TensorRT rejected input shape {list(host_in.shape)}")
-        host_out = np.empty(tuple(int(v) for v in ctx.get_tensor_shape(self.output)), dtype=self.out_dtype)
+        slot = self._next
+        self._next = (slot + 1) % self.SLOTS
+        cuda_check(cudart.cudaEventSynchronize(self._events[slot]), "cudaEventSynchronize")  # slot free
+        shape = tuple(int(v) for v in x.shape)
+        self.select_profile(shape)
+        if not ctx.set_input_shape(self.input, shape):
+            raise EngineError(f"TensorRT rejected input shape {list(shape)}")
+        out_shape = tuple(int(v) for v in ctx.get_tensor_shape(self.output))
+        host_in = self._host(self.input, slot, shape, self.in_dtype)
+        np.copyto(host_in, x, casting="unsafe")
+        host_out = self._host(self.output, slot, out_shape, self.out_dtype)
         d_in = self._buffer(self.input, host_in.nbytes)
         d_out = self._buffer(self.output, host_out.nbytes)
         kind = cudart.cudaMemcpyKind
@@ -485,14 +517,32 @@ class EngineRunner:
         cuda_check(
             cudart.cudaMemcpyAsync(host_out.ctypes.data, d_out, host_out.nbytes, d2h, self.stream), "D2H copy"
         )
-        cuda_check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return host_out.astype(np.float32, copy=False)
+        cuda_check(cudart.cudaEventRecord(self._events[slot], self.stream), "cudaEventRecord")
+        return slot, out_shape
+
+    def wait(self, handle: tuple[int, tuple[int, ...]]) -> np.ndarray:
+        """The output of a :meth:`submit` call, as a new float32 array (its staging buffer is reused)."""
+        slot, out_shape = handle
+        cuda_check(self._cudart.cudaEventSynchronize(self._events[slot]), "cudaEventSynchronize")
+        return self._host(self.output, slot, out_shape, self.out_dtype).astype(np.float32, copy=True)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The engine's output for the host array ``x`` (full input shape), as float32."""
+        return self.wait(self.submit(x))
 
     def close(self) -> None:
-        """Free the device buffers and the stream (idempotent)."""
+        """Free the buffers, events and stream (idempotent)."""
+        if self.stream is not None:
+            self._cudart.cudaStreamSynchronize(self.stream)
         for ptr, _ in self._buffers.values():
             self._cudart.cudaFree(ptr)
         self._buffers.clear()
+        for ptr, _ in self._pinned.values():
+            self._cudart.cudaFreeHost(ptr)
+        self._pinned.clear()
+        for event in self._events:
+            self._cudart.cudaEventDestroy(event)
+        self._events = []
         if self.stream is not None:
             self._cudart.cudaStreamDestroy(self.stream)
             self.stream = None

@@ -267,6 +267,7 @@ class Predictor:
                 stats=stats,
                 crop=False,
                 least=self.backend.shapes.min_spatial,
+                submit=self.backend.submit if self.backend.asynchronous else None,
             )
 
         if not self.tta:

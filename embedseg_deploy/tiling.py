@@ -246,6 +246,7 @@ def predict_tiled(
     pad_last_batch: bool = False,
     crop: bool = True,
     least: Sequence[int] | None = None,
+    submit: Callable[[np.ndarray], Callable[[], np.ndarray]] | None = None,
 ) -> np.ndarray:
     """Raw network output (out_channels, *spatial) float32 for ``image`` (C, *spatial), tile by tile.
 
@@ -256,7 +257,10 @@ def predict_tiled(
     total)`` is called after each batch with tile counts. ``stats`` accumulates seconds under ``'tile'``
     (gathering inputs), ``'network'`` and ``'stitch'``. ``pad_last_batch`` fills a short last batch with
     zeros so that ``run`` always gets ``batch_size`` tiles. ``least``: the smallest input the network takes
-    per axis (:func:`plan_tiles`). A single tile that needs no cropping is
+    per axis (:func:`plan_tiles`). ``submit``, for a backend that runs on its own stream, starts a batch and
+    returns a function that waits for its output: the next batch is then gathered while this one runs (one
+    batch in flight; without it each batch is run and stitched before the next is gathered, so that no
+    two outputs are alive at once on the CPU). A single tile that needs no cropping is
     returned as the network's own output buffer, not copied (whole-volume 3D outputs are ~0.5 GB).
     """
     if image.ndim < 2:
@@ -267,20 +271,21 @@ def predict_tiled(
     widths = [(0, 0)] * (image.ndim - 1) if crop else pad_widths(image.shape[1:], multiple, placement)
     out_shape = (out_channels, *(n + b + a for n, (b, a) in zip(image.shape[1:], widths, strict=True)))
     out = None
-    for first in range(0, len(plan), batch_size):
-        t0 = time.perf_counter()
-        group = plan[first : first + batch_size]
+
+    def gather(group: list[Tile]) -> np.ndarray:
         n_fill = batch_size - len(group) if pad_last_batch else 0
         batch = np.zeros((len(group) + n_fill, image.shape[0], *group[0].shape), dtype=np.float32)
         for i, t in enumerate(group):
             batch[i] = read_tile(image, t)
-        t0 = _add(stats, "tile", t0)
-        raw = np.asarray(run(batch))
-        t0 = _add(stats, "network", t0)
-        expected = (len(batch), out_channels, *group[0].shape)
+        return batch
+
+    def stitch(first: int, group: list[Tile], n_batch: int, raw: np.ndarray) -> None:
+        nonlocal out
+        t0 = time.perf_counter()
+        expected = (n_batch, out_channels, *group[0].shape)
         if raw.shape != expected:
             raise ValueError(
-                f"network returned shape {raw.shape} for input {batch.shape}, expected {expected}"
+                f"network returned shape {raw.shape} for a batch of {n_batch}, expected {expected}"
             )
         if (
             len(plan) == 1
@@ -297,6 +302,31 @@ def predict_tiled(
         _add(stats, "stitch", t0)
         if progress is not None:
             progress(first + len(group), len(plan))
+
+    pending = None  # (first, group, batch size, wait) of the batch in flight (``submit`` only)
+    for first in range(0, len(plan), batch_size):
+        t0 = time.perf_counter()
+        group = plan[first : first + batch_size]
+        batch = gather(group)
+        t0 = _add(stats, "tile", t0)
+        if submit is None:
+            raw = np.asarray(run(batch))
+            _add(stats, "network", t0)
+            stitch(first, group, len(batch), raw)
+            continue
+        wait = submit(batch)
+        _add(stats, "network", t0)
+        if pending is not None:
+            t0 = time.perf_counter()
+            raw = np.asarray(pending[3]())
+            _add(stats, "network", t0)
+            stitch(*pending[:3], raw)
+        pending = (first, group, len(batch), wait)
+    if pending is not None:
+        t0 = time.perf_counter()
+        raw = np.asarray(pending[3]())
+        _add(stats, "network", t0)
+        stitch(*pending[:3], raw)
     return out
 
 

@@ -259,7 +259,7 @@ def test_tensorrt_backend_runs_through_the_engine_runner(tmp_path, monkeypatch):
     x = np.random.default_rng(0).random((1, 1, 16, 24), dtype=np.float32)
     np.testing.assert_array_equal(backend.run(x), x * np.arange(1.0, 6.0, dtype=np.float32)[:, None, None])
     backend.close()
-    assert cudart.mem == {}
+    assert cudart.mem == {} and cudart.host == {}
 
 
 def test_torch_backend_matches_onnx_runtime(tmp_path_factory):

@@ -342,9 +342,38 @@ class FakeCudart:
 
     def __init__(self):
         self.mem: dict[int, bytearray] = {}
+        self.host: dict[int, ctypes.Array] = {}  # pinned host buffers: real memory at real addresses
         self.calls: list[str] = []
+        self.events: list[str] = []  # "record k" / "sync k" in call order
         self.cudaSetDevice = self.cudaStreamSynchronize = self.cudaStreamDestroy = lambda *a: (0,)
         self.cudaStreamCreate = lambda: (0, 7)
+        self._n_events = 0
+
+    def cudaMallocHost(self, n):
+        self.calls.append("malloc_host")
+        buf = (ctypes.c_uint8 * n)()
+        self.host[ctypes.addressof(buf)] = buf
+        return 0, ctypes.addressof(buf)
+
+    def cudaFreeHost(self, ptr):
+        self.calls.append("free_host")
+        del self.host[ptr]
+        return (0,)
+
+    def cudaEventCreate(self):
+        self._n_events += 1
+        return 0, self._n_events - 1
+
+    def cudaEventRecord(self, event, stream):
+        self.events.append(f"record {event}")
+        return (0,)
+
+    def cudaEventSynchronize(self, event):
+        self.events.append(f"sync {event}")
+        return (0,)
+
+    def cudaEventDestroy(self, event):
+        return (0,)
 
     def cudaMalloc(self, n):
         self.calls.append("malloc")
@@ -443,11 +472,25 @@ def test_engine_runner_picks_profiles_and_reuses_buffers(layout, tmp_path, monke
         expected = x * np.arange(1, 6, dtype=np.float32)[None, :, None, None] + 10 * profile
         np.testing.assert_array_equal(runner(x), expected)
     assert trt.switches == [1, 0, 1]  # switched only when the active profile did not hold the shape
-    assert cudart.calls == ["malloc", "malloc", "free", "malloc", "free", "malloc"]  # grown once, then reused
+    # pinned staging buffers per slot (2), device buffers per tensor: grown once, then reused
+    host, device = ["malloc_host"] * 2, ["malloc"] * 2
+    assert cudart.calls == [*host, *device, *host, "free", "malloc", "free", "malloc"]
+    # two calls in flight: the second is queued before the first is waited for; outputs stay apart
+    x1, x2, x3 = (rng.random((1, 1, 32, 32), dtype=np.float32) for _ in range(3))
+    cudart.events.clear()
+    h1, h2 = runner.submit(x1), runner.submit(x2)
+    y2, y1 = runner.wait(h2), runner.wait(h1)
+    scale = np.arange(1, 6, dtype=np.float32)[None, :, None, None]
+    np.testing.assert_array_equal(y1, x1 * scale)
+    np.testing.assert_array_equal(y2, x2 * scale)
+    y3 = runner(x3)  # reuses slot 0 after its event: its earlier output was already copied out
+    np.testing.assert_array_equal(y3, x3 * scale)
+    np.testing.assert_array_equal(y1, x1 * scale)
+    assert cudart.events[:4] == ["sync 0", "record 0", "sync 1", "record 1"]
     with pytest.raises(EngineError, match=r"input shape \[1, 1, 36, 36\] lies outside every profile"):
         runner(np.zeros((1, 1, 36, 36), np.float32))
     runner.close()
-    assert cudart.mem == {}
+    assert cudart.mem == {} and cudart.host == {}
 
 
 # ------------------------------------------------------------------------------------------------ GPU

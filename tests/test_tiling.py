@@ -205,3 +205,37 @@ def test_bad_arguments_give_clear_errors():
         plan_tiles((40, 40), (16, 16, 16), 0)
     with pytest.raises(ValueError, match="network returned shape"):
         predict_tiled(image, lambda b: b, 3, 16, 0)
+
+
+def test_asynchronous_backends_get_the_next_batch_while_one_runs():
+    """With ``submit`` (a GPU backend with its own stream) batch k+1 is gathered and started before batch
+    k is waited for and stitched; the output is the one of the synchronous loop, for any batch size."""
+    rng = np.random.default_rng(5)
+    image = rng.random((1, 70, 90), dtype=np.float32)
+
+    def net(b: np.ndarray) -> np.ndarray:
+        return np.concatenate([b * 2, b + 1, b - 3], axis=1)
+
+    events: list[str] = []
+
+    def submit(b: np.ndarray):
+        k = len([e for e in events if e.startswith("submit")])
+        events.append(f"submit {k}")
+        out = net(b)
+
+        def wait() -> np.ndarray:
+            events.append(f"wait {k}")
+            return out
+
+        return wait
+
+    for batch_size in (1, 2, 5):
+        events.clear()
+        expected = predict_tiled(image, net, 3, 32, 8, batch_size=batch_size)
+        got = predict_tiled(image, net, 3, 32, 8, batch_size=batch_size, submit=submit)
+        np.testing.assert_array_equal(got, expected)
+        n = len([e for e in events if e.startswith("submit")])
+        assert n > 2 and events[-1] == f"wait {n - 1}"
+        for k in range(n - 1):  # batch k+1 started before batch k was waited for, every batch waited once
+            assert events.index(f"submit {k + 1}") < events.index(f"wait {k}")
+        assert sorted(e for e in events if e.startswith("wait")) == sorted(f"wait {k}" for k in range(n))

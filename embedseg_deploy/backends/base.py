@@ -10,7 +10,7 @@ was asked raises :class:`BackendError`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,8 +75,36 @@ class Backend(ABC):
     model_path: Path | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    #: True when :meth:`submit` returns before the network has run (a GPU backend with its own stream):
+    #: the tiler then prepares the next tile while this one runs.
+    asynchronous = False
+
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Raw network output for ``batch`` (N, C, *spatial); shapes are checked first."""
+        return self.submit(batch)()
+
+    def submit(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start the network on ``batch``; the returned function waits for and returns its output."""
+        batch = self._checked(batch)
+        expected = (batch.shape[0], self.contract.out_channels, *batch.shape[2:])
+        wait = self._submit(batch)
+
+        def result() -> np.ndarray:
+            out = wait()
+            if tuple(out.shape) != expected:
+                raise BackendError(
+                    f"{self.name}: model returned shape {tuple(out.shape)}, expected {expected}"
+                )
+            return np.asarray(out, dtype=np.float32)
+
+        return result
+
+    def _submit(self, batch: np.ndarray) -> Callable[[], np.ndarray]:
+        """Run now (subclasses with a stream override this to return before the network has run)."""
+        out = self._run(batch)
+        return lambda: out
+
+    def _checked(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         c = self.contract
         if batch.ndim != c.ndim + 2:
@@ -90,11 +118,7 @@ class Backend(ABC):
         problem = self.shapes.problem(batch.shape[2:], batch.shape[0])
         if problem:
             raise BackendError(f"{self.name}: {problem}")
-        out = self._run(batch)
-        expected = (batch.shape[0], c.out_channels, *batch.shape[2:])
-        if tuple(out.shape) != expected:
-            raise BackendError(f"{self.name}: model returned shape {tuple(out.shape)}, expected {expected}")
-        return np.asarray(out, dtype=np.float32)
+        return batch
 
     @abstractmethod
     def _run(self, batch: np.ndarray) -> np.ndarray: ...

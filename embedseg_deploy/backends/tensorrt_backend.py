@@ -93,11 +93,25 @@ class TensorRTBackend(Backend):
             },
         )
 
+    asynchronous = True
+
     def _run(self, batch: np.ndarray) -> np.ndarray:
+        return self._submit(batch)()
+
+    def _submit(self, batch: np.ndarray):
+        """Queue the batch on the engine's stream; the returned function waits for its output."""
         try:
-            return self._runner(batch)
+            handle = self._runner.submit(batch)
         except EngineError as exc:
             raise BackendError(f"tensorrt: {exc}") from None
+
+        def wait() -> np.ndarray:
+            try:
+                return self._runner.wait(handle)
+            except EngineError as exc:
+                raise BackendError(f"tensorrt: {exc}") from None
+
+        return wait
 
     def close(self) -> None:
         self._runner.close()
