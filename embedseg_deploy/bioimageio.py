@@ -13,7 +13,6 @@ appears complete or not at all), so the runtime's model hash, and resume, are th
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -56,18 +55,12 @@ def _description_name(names: list[str]) -> str | None:
 
 
 def _load_yaml(text: str, where: str) -> dict[str, Any]:
+    import yaml
+
     try:
-        import yaml
-    except ImportError:  # pragma: no cover - pyyaml is a dependency of the runtime
-        try:
-            doc = json.loads(text)  # our own packages write JSON-compatible YAML only with pyyaml absent
-        except json.JSONDecodeError:
-            raise PackageError(f"{where}: reading a bioimage.io description needs pyyaml") from None
-    else:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise PackageError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PackageError(f"{where}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(doc, dict):
         raise PackageError(f"{where}: the description is not a YAML mapping")
     return doc
