@@ -46,6 +46,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         ("embedseg_exporters.onnx_export", "ExportError"),
         ("embedseg_exporters.fp16", "Fp16Error"),
         ("embedseg_exporters.bioimageio", "BioimageioError"),
+        ("embedseg_exporters.int8", "Int8Error"),
         ("embedseg_deploy.backends", "BackendError"),
         ("embedseg_deploy.io", "InputError"),
     ):
@@ -103,7 +104,15 @@ def _tolerance(text: str | None, precision: str):
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder with an upstream checkpoint's data_properties.json etc. (default: the checkpoint's folder).",
 )
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option(
+    "--calibrate",
+    type=click.Path(path_type=Path),
+    help="int8: folder of images like the user's (the training data folder, an images/ folder or TIFFs).",
+)
+@click.option(
+    "--calibration-tiles", type=click.IntRange(min=1), default=None, help="int8: calibration tiles [16]."
+)
 @click.option(
     "--keep-fp32",
     default=",".join(DEFAULT_KEEP),
@@ -134,6 +143,8 @@ def onnx_command(
     output,
     upstream_json,
     precision,
+    calibrate,
+    calibration_tiles,
     keep_fp32,
     opset,
     exporter,
@@ -145,7 +156,7 @@ def onnx_command(
     force,
 ):
     """Export CHECKPOINT (ours, or upstream EmbedSeg with its JSON files) to an ONNX model."""
-    limits = _tolerance(tolerance, precision)
+    limits = _tolerance(tolerance, "fp32" if precision == "int8" else precision)  # int8: the fp32 check
     if report is not None and not report.parent.is_dir():  # before the export, not after it
         raise click.ClickException(f"{report}: folder {report.parent} does not exist")
     try:
@@ -168,6 +179,8 @@ def onnx_command(
             keep_fp32=_keep(keep_fp32),
             verify=verify,
             tolerance=limits,
+            calibrate=calibrate,
+            calibration_tiles=calibration_tiles,
         )
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None

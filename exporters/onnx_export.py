@@ -192,15 +192,22 @@ def export_onnx(
     fixture: str | Path | None = None,
     source: dict[str, Any] | None = None,
     tolerance: Tolerance | None = None,
+    calibrate: str | Path | None = None,
+    calibration_tiles: int | None = None,
+    seed: int = 0,
 ) -> Exported:
     """Export ``model`` (a BranchedERFNet) with ``contract`` embedded; verify unless ``verify=False``.
 
     ``precision="fp16"`` converts the exported graph (:func:`.fp16.convert_to_fp16`, ``keep_fp32``)
     and verifies it against the fp32 torch model with the fp16 tolerance. ``tolerance`` replaces the
-    precision's default limits (:data:`.verify.TOLERANCES`).
+    precision's default limits (:data:`.verify.TOLERANCES`). ``precision="int8"`` exports and verifies
+    the fp32 model, then quantizes it on tiles of the images in ``calibrate`` (:mod:`.int8`) and checks
+    it against the fp32 model on held-out tiles, labels included.
     """
-    if precision not in ("fp32", "fp16"):
-        raise ExportError(f"precision must be fp32 or fp16, got {precision!r}")
+    if precision not in ("fp32", "fp16", "int8"):
+        raise ExportError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if precision == "int8" and calibrate is None:
+        raise ExportError("int8 needs calibration images: --calibrate DATA_DIR (the training data folder)")
     start = time.perf_counter()
     model.eval()
     training = [name for name, m in model.named_modules() if m.training]
@@ -234,11 +241,39 @@ def export_onnx(
 
     report = None
     if verify:
-        report = verify_against_torch(proto, model, contract, precision, fixture, tolerance)
+        checked = "fp32" if precision == "int8" else precision
+        report = verify_against_torch(proto, model, contract, checked, fixture, tolerance)
         report.raise_if_failed()
         export_facts["verification"] = {"passed": report.passed, "max_errors": report.max_errors()}
         set_contract(proto, contract)
+    if precision == "int8":
+        proto, report = _to_int8(proto, contract, calibrate, calibration_tiles, seed)
     return Exported(proto, contract, report, time.perf_counter() - start)
+
+
+def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int):
+    """The fp32 ``proto`` quantized on ``folder``'s images and verified against it (see :mod:`.int8`)."""
+    from . import int8
+
+    n = n_tiles or int8.DEFAULT_TILES
+    tiles = int8.calibration_tiles(contract, folder, n + int8.VERIFY_TILES, seed)
+    fp32 = proto.SerializeToString()
+    keep = int8.fp32_nodes(proto)
+    quantized = onnx.load_from_string(int8.quantize(fp32, tiles[:n], keep))
+    contract.provenance["export"].update(
+        precision="int8", fp32_nodes=keep, int8=int8.int8_facts(folder, n, seed, keep)
+    )
+    set_contract(quantized, contract)
+    check_interface(quantized, contract)
+    report = int8.verify_int8(quantized.SerializeToString(), fp32, contract, tiles[n:])
+    report.raise_if_failed()
+    contract.provenance["export"]["int8"]["verification"] = {
+        "passed": report.passed,
+        "max_errors": report.max_errors(),
+        "label_ap50": [c.labels["ap50"] for c in report.cases if c.labels],
+    }
+    set_contract(quantized, contract)
+    return quantized, report
 
 
 def verify_against_torch(
