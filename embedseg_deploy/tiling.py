@@ -303,6 +303,12 @@ def predict_tiled(
         if progress is not None:
             progress(first + len(group), len(plan))
 
+    def finish(first: int, group: list[Tile], n_batch: int, wait: Callable[[], np.ndarray]) -> None:
+        t0 = time.perf_counter()
+        raw = np.asarray(wait())
+        _add(stats, "network", t0)
+        stitch(first, group, n_batch, raw)
+
     pending = None  # (first, group, batch size, wait) of the batch in flight (``submit`` only)
     for first in range(0, len(plan), batch_size):
         t0 = time.perf_counter()
@@ -317,16 +323,10 @@ def predict_tiled(
         wait = submit(batch)
         _add(stats, "network", t0)
         if pending is not None:
-            t0 = time.perf_counter()
-            raw = np.asarray(pending[3]())
-            _add(stats, "network", t0)
-            stitch(*pending[:3], raw)
+            finish(*pending)
         pending = (first, group, len(batch), wait)
     if pending is not None:
-        t0 = time.perf_counter()
-        raw = np.asarray(pending[3]())
-        _add(stats, "network", t0)
-        stitch(*pending[:3], raw)
+        finish(*pending)
     return out
 
 

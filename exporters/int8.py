@@ -46,10 +46,8 @@ def calibration_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise Int8Error(f"{folder}: calibration folder not found")
-    for pattern in ("train/images/*.tif*", "val/images/*.tif*", "images/*.tif*", "*.tif*"):
-        found = sorted(p for p in folder.glob(pattern) if p.is_file())
-        if found and pattern.startswith("train"):
-            found += sorted(p for p in folder.glob("val/images/*.tif*") if p.is_file())
+    for layout in (("train/images", "val/images"), ("images",), (".",)):
+        found = [p for sub in layout for p in sorted((folder / sub).glob("*.tif*")) if p.is_file()]
         if found:
             return found
     raise Int8Error(

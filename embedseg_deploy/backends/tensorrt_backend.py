@@ -51,12 +51,12 @@ class TensorRTBackend(Backend):
         try:
             if path.suffix.lower() == ".onnx":
                 cache = EngineCache(engine_cache, device_id)
-                if cache.lookup(path) is None:
+                cached = cache.lookup(path)
+                if cached is None:
                     start = time.perf_counter()
-                    path = cache.get(path)
+                    cached = cache.get(path)
                     built = round(time.perf_counter() - start, 2)
-                else:
-                    path = cache.get(path)
+                path = cached
             doc = read_sidecar(path)
             contract, facts = Contract.from_dict(doc["contract"]), dict(doc["engine"])
             env = local_environment(device_id)
