@@ -96,6 +96,10 @@ def _tolerance(text: str | None, precision: str):
     return Tolerance(px, rel, seed, TOLERANCES[precision].min_label_ap)
 
 
+def _is_tile(path: Path | None) -> bool:
+    return path is not None and path.suffix == ".npy"
+
+
 @main.command("onnx")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="ONNX file to write.")
@@ -108,7 +112,8 @@ def _tolerance(text: str | None, precision: str):
 @click.option(
     "--calibrate",
     type=click.Path(path_type=Path),
-    help="int8: folder of images like the user's (the training data folder, an images/ folder or TIFFs).",
+    help="int8: folder of images like the user's (the training data folder, an images/ folder or TIFFs) "
+    "[the training data the checkpoint records].",
 )
 @click.option(
     "--calibration-tiles", type=click.IntRange(min=1), default=None, help="int8: calibration tiles [16]."
@@ -125,7 +130,10 @@ def _tolerance(text: str | None, precision: str):
     "--verify/--no-verify", default=True, show_default=True, help="Compare with torch before writing."
 )
 @click.option(
-    "--verify-input", type=click.Path(path_type=Path, dir_okay=False), help="C x spatial .npy tile."
+    "--verify-input",
+    type=click.Path(path_type=Path),
+    help="Images to judge fp16/int8 labels on: a .tif or a data folder (its val/ and test/ images) "
+    "[the --calibrate or training data folder's]; or a C x spatial .npy tile for the torch check.",
 )
 @click.option(
     "--tolerance",
@@ -172,7 +180,8 @@ def onnx_command(
             output,
             upstream_json_dir=upstream_json,
             force=force,
-            fixture=verify_input,
+            fixture=verify_input if _is_tile(verify_input) else None,
+            verify_images=None if _is_tile(verify_input) else verify_input,
             opset=opset,
             exporter=exporter,
             precision=precision,

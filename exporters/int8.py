@@ -1,39 +1,58 @@
-"""int8 ONNX models: static QDQ quantization calibrated on the user's images, checked on labels.
+"""int8 ONNX models: static QDQ quantization calibrated on the user's images, mixed precision chosen by
+measurement, checked on labels.
 
 ONNX Runtime's static quantization (QDQ, per-channel int8 weights, uint8 activations, MinMax ranges)
 over calibration tiles cut from the user's images and normalised as the contract says. The raw output is
-never quantized: the graph's last node (the Concat of the offset/sigma head and the seed head) and the
-offset/sigma head stay fp32. Quantizing that Concat puts offsets (a few hundredths of an embedding unit)
-and seed logits (several units) under one activation scale: 11.5 px of offset per step on the upstream
-2D fixture, and label AP against fp32 fell to 0.05-0.08 (benchmarks/results/int8.md). With it in fp32
-AP was 0.994-1.0 at 2.2x the fp32 speed.
+never quantized: the graph's last node (the Concat of the offset/sigma head and the seed head) stays
+fp32. Quantizing it puts offsets (a few hundredths of an embedding unit) and seed logits (several units)
+under one activation scale: 11.5 px of offset per step on the upstream 2D fixture, and label AP against
+fp32 fell to 0.05-0.08 (benchmarks/results/int8.md).
 
-The quantized model is verified against the fp32 model on held-out tiles of the same images, on labels
-(AP@0.5 >= :data:`MIN_LABEL_AP`) as well as raw-output limits; a model that fails is not written.
+Which other blocks stay fp32 is measured, not fixed (:func:`search`): each block of the network
+(an ERFNet downsampler, non-bottleneck block, upsampler or output convolution) is quantized alone and its
+output error on calibration tiles ranks it; the most sensitive blocks are then kept in fp32, as few as
+pass the label check on those tiles. The result is verified against the fp32 model on other images (the
+user's validation images where there are any), on labels (pooled AP@0.5 >= :data:`MIN_LABEL_AP`) as well
+as raw-output limits; a model that fails is not written, and the error names the sensitive blocks.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
-from embedseg_deploy.contract import Contract
-from embedseg_deploy.io import InputError, read_tiff, to_channels_first
-from embedseg_deploy.normalize import normalize
+from embedseg_deploy.contract import Contract, axis_of_dim
 
-from .verify import Report, Tolerance, compare, ort_runner
+from .verify import (
+    Report,
+    Runner,
+    Tolerance,
+    cached,
+    compare,
+    image_files,
+    image_tiles,
+    ort_runner,
+    pooled_label_case,
+)
 
 DEFAULT_TILES = 16
-VERIFY_TILES = 4
+SEARCH_TILES = 4  # of the calibration tiles: the sensitivity of each block
+VERIFY_TILES = 4  # held-out tiles when there are no separate verification images
 MIN_LABEL_AP = 0.99
 # Per tile only a collapse is refused (one object of a 45-object tile moves AP@0.5 by 0.02); the limit
-# that counts, MIN_LABEL_AP, applies to the matches pooled over all held-out tiles.
+# that counts, MIN_LABEL_AP, applies to the matches pooled over all verification images.
 TOLERANCE = Tolerance(offset_px=4.0, sigma_rel=0.5, seed_abs=0.3, min_label_ap=0.9)
 TILE = {2: (256, 256), 3: (32, 128, 128)}
+CALIBRATION_LAYOUTS = (("train/images",), ("images",), (".",))
+QUANTIZED_OPS = ("Conv", "ConvTranspose", "Add", "Concat", "MaxPool")
 
 
 class Int8Error(ValueError):
@@ -41,124 +60,266 @@ class Int8Error(ValueError):
 
 
 def calibration_files(folder: str | Path) -> list[Path]:
-    """The images of a training-layout folder (train/ and val/ ``images``), an ``images`` folder, or the
-    TIFFs in ``folder`` itself."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise Int8Error(f"{folder}: calibration folder not found")
-    for layout in (("train/images", "val/images"), ("images",), (".",)):
-        found = [p for sub in layout for p in sorted((folder / sub).glob("*.tif*")) if p.is_file()]
-        if found:
-            return found
-    raise Int8Error(
-        f"{folder}: no .tif images to calibrate on (looked in train/images, images/ and the folder)"
-    )
+    """The images of a training-layout folder (``train/images``), an ``images`` folder, or the TIFFs in
+    ``folder`` itself; ``val/`` is left for verification."""
+    try:
+        return image_files(folder, CALIBRATION_LAYOUTS, "calibrate on")
+    except ValueError as exc:
+        raise Int8Error(str(exc)) from None
 
 
 def calibration_tiles(
-    contract: Contract, folder: str | Path, n: int = DEFAULT_TILES + VERIFY_TILES, seed: int = 0
+    contract: Contract, folder: str | Path, n: int = DEFAULT_TILES, seed: int = 0
 ) -> list[np.ndarray]:
     """``n`` tiles (1, C, *tile) cut at seeded random places from the folder's images, normalised as the
-    contract says (whole image first, as at inference). Images smaller than a tile give themselves, cut
-    to the tile multiple."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for path in calibration_files(folder):
-        try:
-            x = to_channels_first(read_tiff(path).data, contract.ndim, contract.in_channels, path=path)
-            images.append(normalize(x, contract.normalization, channel_axis=0))
-        except (InputError, ValueError) as exc:
-            text = str(exc)
-            raise Int8Error(text if str(path) in text else f"{path}: {text}") from None
-    m = contract.tile_multiple
-    tiles = []
-    for k in range(n):
-        x = images[k % len(images)]
-        size = [min(t, s // m * m) for t, s in zip(TILE[contract.ndim], x.shape[1:], strict=True)]
-        if min(size) < m:
-            raise Int8Error(f"{folder}: an image of shape {x.shape[1:]} is smaller than {m} px along an axis")
-        start = [int(rng.integers(0, s - t + 1)) for s, t in zip(x.shape[1:], size, strict=True)]
-        box = tuple(slice(a, a + t) for a, t in zip(start, size, strict=True))
-        tiles.append(np.ascontiguousarray(x[(slice(None), *box)][None], dtype=np.float32))
-    return tiles
+    contract says (whole image first, as at inference)."""
+    try:
+        return image_tiles(contract, calibration_files(folder), n, TILE[contract.ndim], seed)
+    except ValueError as exc:
+        raise Int8Error(str(exc)) from None
 
 
-def fp32_nodes(model: onnx.ModelProto) -> list[str]:
-    """The nodes kept in fp32: the one that makes the graph output and the offset/sigma head before it."""
+# ----------------------------------------------------------------------------------------------------------
+# Quantization
+
+
+def output_node(model: onnx.ModelProto) -> str | None:
+    """The node that makes the graph output: always fp32."""
     producer = {out: node for node in model.graph.node for out in node.output}
-    last = producer.get(model.graph.output[0].name)
-    if last is None:
-        return []
-    keep = [last.name]
-    if last.op_type == "Concat" and last.input and last.input[0] in producer:
-        keep.insert(0, producer[last.input[0]].name)
-    return keep
+    node = producer.get(model.graph.output[0].name)
+    return node.name if node is not None else None
 
 
-def quantize(fp32: bytes, tiles: list[np.ndarray], keep: list[str]) -> bytes:
-    """The QDQ int8 model of the fp32 model ``fp32`` calibrated on ``tiles``; ``keep`` stays fp32."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def blocks(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """Quantizable nodes grouped by network block, in graph order, without the output node.
 
-    name = onnx.load_from_string(fp32).graph.input[0].name
+    A block is the first two parts of the node name torch gives (``/encoder/layers.3/conv3x1_1/Conv`` ->
+    ``/encoder/layers.3``); a node without such a name is a block of its own.
+    """
+    last = output_node(model)
+    out: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type in QUANTIZED_OPS and node.name != last:
+            key = "/".join(node.name.split("/")[:3]) if node.name.startswith("/") else node.name
+            out.setdefault(key, []).append(node.name)
+    return out
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.tiles = iter(tiles)
 
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            x = next(self.tiles, None)
-            return None if x is None else {name: x}
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """ONNX Runtime's quantizer warns on the root logger for every unfolded BatchNorm; hide that."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
-    with tempfile.TemporaryDirectory() as folder:
-        src, pre, out = (Path(folder) / f for f in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        src.write_bytes(fp32)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # spatial sizes are dynamic
-        quantize_static(
-            str(pre),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=keep,
-        )
+
+class Quantizer:
+    """Calibrates an fp32 model once, then makes QDQ int8 models with any nodes left in fp32."""
+
+    def __init__(self, fp32: bytes, tiles: list[np.ndarray], folder: Path) -> None:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        self.folder = folder
+        self.name = onnx.load_from_string(fp32).graph.input[0].name
+        self.tiles = tiles
+        self.source, self.ranges = folder / "pre.onnx", folder / "ranges.json"
+        (folder / "fp32.onnx").write_bytes(fp32)
+        with _quiet():
+            quant_pre_process(str(folder / "fp32.onnx"), str(self.source), skip_symbolic_shape=True)
+
+    def __call__(self, exclude: list[str] | None = None, only: list[str] | None = None) -> bytes:
+        """The int8 model with ``exclude`` in fp32 (or with only ``only`` quantized)."""
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        name, tiles = self.name, self.tiles
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.tiles = iter(tiles)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                x = next(self.tiles, None)
+                return None if x is None else {name: x}
+
+        out = self.folder / "int8.onnx"
+        with _quiet():
+            quantize_static(
+                str(self.source),
+                str(out),
+                None if self.ranges.is_file() else Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                nodes_to_quantize=only,
+                calibration_cache_path=self.ranges,
+            )
         return out.read_bytes()
 
 
-def verify_int8(int8: bytes, fp32: bytes, contract: Contract, tiles: list[np.ndarray]) -> Report:
-    """int8 against fp32 (both ONNX Runtime CPU) on held-out tiles: raw limits and labels per tile, and
-    label AP@0.5 pooled over the tiles (TP / (TP + FP + FN) of all their objects) >= MIN_LABEL_AP."""
-    from embedseg_deploy.metrics import matching
+def quantize(fp32: bytes, tiles: list[np.ndarray], keep: list[str]) -> bytes:
+    """The QDQ int8 model of ``fp32`` calibrated on ``tiles``, the nodes ``keep`` in fp32."""
+    with tempfile.TemporaryDirectory() as folder:
+        return Quantizer(fp32, tiles, Path(folder))(exclude=keep)
 
-    from .verify import Case, clusterer, labels_of
 
-    test, reference = ort_runner(int8), ort_runner(fp32)
-    inputs = {f"held-out-{k}": t for k, t in enumerate(tiles)}
-    report = compare(test, reference, contract, inputs, TOLERANCE, ("onnx-int8", "onnx-fp32"), tuple(inputs))
-    cluster = clusterer()
-    tp = fp = fn = 0
-    for x in tiles:
-        m = matching(labels_of(reference(x)[0], contract, cluster), labels_of(test(x)[0], contract, cluster))
-        tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
-    pooled = tp / max(tp + fp + fn, 1)
-    case = Case("pooled", [len(tiles)], report.max_errors())
-    case.labels = {"n_ref": tp + fn, "n_test": tp + fp, "identical": fp == fn == 0, "ap50": pooled}
-    if pooled < MIN_LABEL_AP:
-        case.problems.append(
-            f"label AP@0.5 over the held-out tiles {pooled:.4f} below {MIN_LABEL_AP} ({fp} objects more, "
-            f"{fn} fewer than fp32): calibrate on more images (--calibration-tiles), or export fp16"
+# ----------------------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def output_score(test: np.ndarray, ref: np.ndarray, contract: Contract) -> float:
+    """Mean raw-output error where the clustering looks, each group in units of its verification limit:
+    offsets (px) and sigma (relative) over the reference's foreground, seediness everywhere."""
+    from .verify import _sigmoid
+
+    ndim = contract.ndim
+    a, b = test.astype(np.float64), ref.astype(np.float64)
+    fg = _sigmoid(b[:, -1]) > contract.thresholds.fg_thresh
+    if not fg.any():
+        fg = np.ones_like(fg)
+    offset = sum(
+        np.abs(np.tanh(a[:, d]) - np.tanh(b[:, d]))[fg].mean() / contract.spacing[axis_of_dim(d, ndim)]
+        for d in range(ndim)
+    )
+    sigma = np.abs(np.expm1(10.0 * (a[:, ndim : 2 * ndim] - b[:, ndim : 2 * ndim]))).max(axis=1)[fg].mean()
+    seed = np.abs(_sigmoid(a[:, -1]) - _sigmoid(b[:, -1])).mean()
+    t = TOLERANCE
+    return float(offset / t.offset_px + sigma / t.sigma_rel + seed / t.seed_abs)
+
+
+@dataclass
+class Search:
+    """What the mixed-precision search measured and chose (stored in the contract)."""
+
+    fp32_nodes: list[str]
+    fp32_blocks: list[str] = field(default_factory=list)
+    sensitivity: list[tuple[str, float]] = field(default_factory=list)  # most sensitive first
+    steps: list[dict[str, Any]] = field(default_factory=list)  # {"fp32_blocks": k, "ap50": .., "passed": ..}
+    passed: bool = True
+
+    def record(self, top: int = 8) -> dict[str, Any]:
+        out = asdict(self)
+        del out["fp32_nodes"]  # the contract lists them once, beside the search
+        out["sensitivity"] = [[b, round(s, 4)] for b, s in self.sensitivity[:top]]
+        return out
+
+    def worst(self, n: int = 3) -> str:
+        return ", ".join(f"{b} ({s:.3g})" for b, s in self.sensitivity[:n]) or "none measured"
+
+
+def search(
+    quantizer: Quantizer,
+    fp32: Runner,
+    contract: Contract,
+    tiles: list[np.ndarray],
+    mandatory: list[str],
+    network: dict[str, list[str]],
+    max_fraction: float = 0.5,
+) -> tuple[bytes, Search]:
+    """The int8 model with the fewest blocks of ``network`` kept fp32 (besides ``mandatory``) that passes
+    the label check on the calibration ``tiles``; blocks are ranked by their output error when quantized
+    alone (on the first :data:`SEARCH_TILES`) and added most sensitive first, doubling, then bisected.
+    Gives up (``passed`` False) beyond ``max_fraction`` of the blocks."""
+    reference = cached(fp32)
+    inputs = {f"calibration-{k}": t for k, t in enumerate(tiles)}
+
+    def attempt(kept: list[str]) -> tuple[bytes, Report]:
+        model = quantizer(exclude=mandatory + [n for b in kept for n in network[b]])
+        return model, judge(
+            ort_runner(model), reference, contract, inputs, ("int8", "fp32"), "calibration tiles"
         )
-    report.cases.append(case)
+
+    model, report = attempt([])
+    result = Search(list(mandatory))
+    result.steps.append(_step(0, report))
+    if report.passed:
+        return model, result
+    for block, nodes in network.items():
+        test = ort_runner(quantizer(only=nodes))
+        score = float(np.mean([output_score(test(x), reference(x), contract) for x in tiles[:SEARCH_TILES]]))
+        result.sensitivity.append((block, score))
+    result.sensitivity.sort(key=lambda item: -item[1])
+    ranked = [b for b, _ in result.sensitivity]
+    limit = max(1, int(len(ranked) * max_fraction))
+    good: tuple[int, bytes] | None = None
+    bad, k = 0, 1
+    while k <= limit:  # doubling: 1, 2, 4, ...
+        model, report = attempt(ranked[:k])
+        result.steps.append(_step(k, report))
+        if report.passed:
+            good = (k, model)
+            break
+        bad, k = k, min(2 * k, limit) if k < limit else limit + 1
+    if good is None:
+        result.passed = False
+        result.fp32_blocks = ranked[:limit]
+        return model, result
+    while good[0] - bad > 1:  # bisect between the last failure and the first success
+        k = (bad + good[0]) // 2
+        model, report = attempt(ranked[:k])
+        result.steps.append(_step(k, report))
+        if report.passed:
+            good = (k, model)
+        else:
+            bad = k
+    result.fp32_blocks = ranked[: good[0]]
+    result.fp32_nodes = mandatory + [n for b in result.fp32_blocks for n in network[b]]
+    return good[1], result
+
+
+def _step(k: int, report: Report) -> dict[str, Any]:
+    pooled = next(c for c in report.cases if c.name.startswith("pooled"))
+    return {"fp32_blocks": k, "ap50": round(pooled.labels["ap50"], 4), "passed": report.passed}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification
+
+
+def judge(
+    test: Runner,
+    reference: Runner,
+    contract: Contract,
+    inputs: dict[str, np.ndarray],
+    names: tuple[str, str],
+    what: str,
+    min_ap: float | None = None,
+) -> Report:
+    """int8 against fp32: raw limits and a collapse check per input, and label AP@0.5 pooled over all
+    inputs (TP / (TP + FP + FN) of all their objects) >= ``min_ap`` (default :data:`MIN_LABEL_AP`)."""
+    test, reference = cached(test), cached(reference)
+    report = compare(test, reference, contract, inputs, TOLERANCE, names, tuple(inputs))
+    min_ap = MIN_LABEL_AP if min_ap is None else min_ap
+    report.cases.append(pooled_label_case(test, reference, contract, inputs, min_ap, what))
     return report
 
 
-def int8_facts(folder: str | Path, n_calibration: int, seed: int, keep: list[str]) -> dict[str, Any]:
+def verify_int8(
+    int8: bytes, fp32: bytes, contract: Contract, inputs: dict[str, np.ndarray], what: str
+) -> Report:
+    """The int8 model against the fp32 model (both ONNX Runtime CPU) on ``inputs``."""
+    return judge(ort_runner(int8), ort_runner(fp32), contract, inputs, ("onnx-int8", "onnx-fp32"), what)
+
+
+def failure_hint(result: Search) -> str:
+    """What to try when the int8 model fails, naming the blocks that hurt most."""
+    return (
+        f"most sensitive blocks (output error when quantized alone, in units of the limits): "
+        f"{result.worst()}. Try calibrating on more images (--calibration-tiles), or export fp16"
+    )
+
+
+def int8_facts(folder: str | Path, n_calibration: int, seed: int, result: Search) -> dict[str, Any]:
     return {
         "calibration": {"folder": str(folder), "tiles": n_calibration, "seed": seed, "method": "MinMax"},
         "activations": "uint8 per tensor",
         "weights": "int8 per channel",
-        "fp32_nodes": keep,
-        "reason_fp32": "the raw output is never quantized (offsets and seed logits share the output tensor)",
+        "fp32_nodes": result.fp32_nodes,
+        "reason_fp32": "the raw output is never quantized (offsets and seed logits share the output tensor); "
+        "fp32_blocks: the fewest of the most sensitive blocks that pass the label check on calibration tiles",
+        "search": result.record(),
     }

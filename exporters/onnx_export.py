@@ -42,9 +42,19 @@ from embedseg_deploy.io import sha256_file
 
 from . import __version__
 from .fp16 import DEFAULT_KEEP, convert_to_fp16
-from .verify import TOLERANCES, Report, Tolerance, compare, ort_runner, standard_inputs
+from .verify import (
+    TOLERANCES,
+    Report,
+    Tolerance,
+    cached,
+    compare,
+    ort_runner,
+    pooled_label_case,
+    standard_inputs,
+)
 
 DEFAULT_OPSET = 17
+MIN_IMAGE_AP = 0.99  # fp16 vs fp32 labels, pooled over images like the user's
 EXPORTERS = ("legacy", "dynamo")
 INPUT_NAME, OUTPUT_NAME = "image", "raw"
 FORBIDDEN_OPS = frozenset(
@@ -195,6 +205,7 @@ def export_onnx(
     calibrate: str | Path | None = None,
     calibration_tiles: int | None = None,
     seed: int = 0,
+    verify_images: str | Path | None = None,
 ) -> Exported:
     """Export ``model`` (a BranchedERFNet) with ``contract`` embedded; verify unless ``verify=False``.
 
@@ -202,12 +213,22 @@ def export_onnx(
     and verifies it against the fp32 torch model with the fp16 tolerance. ``tolerance`` replaces the
     precision's default limits (:data:`.verify.TOLERANCES`). ``precision="int8"`` exports and verifies
     the fp32 model, then quantizes it on tiles of the images in ``calibrate`` (:mod:`.int8`) and checks
-    it against the fp32 model on held-out tiles, labels included.
+    it against the fp32 model, labels included.
+
+    fp16 and int8 are also judged on labels of images like the user's: ``verify_images`` (a .tif file
+    or a data folder), else the validation images of ``calibrate`` or of the training data the checkpoint
+    records (:func:`training_data`).
     """
     if precision not in ("fp32", "fp16", "int8"):
         raise ExportError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    data = training_data(contract)
     if precision == "int8" and calibrate is None:
-        raise ExportError("int8 needs calibration images: --calibrate DATA_DIR (the training data folder)")
+        if data is None:
+            raise ExportError(
+                "int8 needs calibration images: --calibrate DATA_DIR (the training data folder); "
+                + _where_trained(contract)
+            )
+        calibrate = data
     start = time.perf_counter()
     model.eval()
     training = [name for name, m in model.named_modules() if m.training]
@@ -239,38 +260,94 @@ def export_onnx(
     set_contract(proto, contract)
     check_interface(proto, contract)
 
+    images = None
+    if precision != "fp32" and verify:
+        images = _images_like_the_users(contract, verify_images, calibrate if precision == "int8" else data)
     report = None
     if verify:
         checked = "fp32" if precision == "int8" else precision
-        report = verify_against_torch(proto, model, contract, checked, fixture, tolerance)
+        fp16_images = images if precision == "fp16" else None
+        report = verify_against_torch(proto, model, contract, checked, fixture, tolerance, fp16_images)
         report.raise_if_failed()
         export_facts["verification"] = {"passed": report.passed, "max_errors": report.max_errors()}
+        if fp16_images:
+            export_facts["verification"]["images"] = _label_record(report)
         set_contract(proto, contract)
     if precision == "int8":
-        proto, report = _to_int8(proto, contract, calibrate, calibration_tiles, seed)
+        proto, report = _to_int8(proto, contract, calibrate, calibration_tiles, seed, images)
     return Exported(proto, contract, report, time.perf_counter() - start)
 
 
-def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int):
-    """The fp32 ``proto`` quantized on ``folder``'s images and verified against it (see :mod:`.int8`)."""
+def training_data(contract: Contract) -> Path | None:
+    """The data folder a checkpoint of ours was trained on (``provenance.config.data_dir``), if it is here."""
+    folder = (contract.provenance.get("config") or {}).get("data_dir")
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
+def _where_trained(contract: Contract) -> str:
+    folder = (contract.provenance.get("config") or {}).get("data_dir")
+    if folder:
+        return f"the checkpoint was trained on {folder}, which is not on this machine"
+    return "the checkpoint records no training data"
+
+
+def _images_like_the_users(contract: Contract, given, folder) -> tuple[dict, str] | None:
+    """(images, what) to judge labels on: ``given``, else ``folder``'s val/ and test/ images; None when
+    there are none (int8 then holds out tiles of its calibration images)."""
+    from .verify import VERIFY_LAYOUTS, verification_images
+
+    try:
+        if given is not None:
+            return verification_images(contract, given), "verification images"
+        if folder is not None and any((Path(folder) / sub).is_dir() for sub in VERIFY_LAYOUTS[0]):
+            return verification_images(contract, folder), "val/test images"
+    except ValueError as exc:
+        raise ExportError(f"--verify-input: {exc}") from None
+    return None
+
+
+def _label_record(report: Report) -> dict[str, Any]:
+    pooled = [c for c in report.cases if c.name.startswith("pooled")]
+    return {c.name: {k: c.labels[k] for k in ("ap50", "n_ref", "n_test", "per_input")} for c in pooled}
+
+
+def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, images):
+    """The fp32 ``proto`` quantized on ``folder``'s images with the fp32 blocks found by
+    :func:`.int8.search`, and verified against it on ``images`` (else held-out tiles)."""
+    import tempfile
+
     from . import int8
+    from .verify import VerificationError
 
     n = n_tiles or int8.DEFAULT_TILES
-    tiles = int8.calibration_tiles(contract, folder, n + int8.VERIFY_TILES, seed)
+    tiles = int8.calibration_tiles(contract, folder, n, seed)
+    if images is None:
+        held_out = int8.calibration_tiles(contract, folder, int8.VERIFY_TILES, seed + 1)
+        images = {f"held-out-{k}": t for k, t in enumerate(held_out)}, "held-out tiles"
     fp32 = proto.SerializeToString()
-    keep = int8.fp32_nodes(proto)
-    quantized = onnx.load_from_string(int8.quantize(fp32, tiles[:n], keep))
-    contract.provenance["export"].update(
-        precision="int8", fp32_nodes=keep, int8=int8.int8_facts(folder, n, seed, keep)
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        quantizer = int8.Quantizer(fp32, tiles, Path(tmp))
+        model, result = int8.search(
+            quantizer, ort_runner(fp32), contract, tiles, [int8.output_node(proto)], int8.blocks(proto),
+        )  # fmt: skip
+    if not result.passed:
+        raise VerificationError(
+            f"int8: even with {len(result.fp32_blocks)} blocks in fp32 the model fails the label check on "
+            f"calibration tiles (AP@0.5 {result.steps[-1]['ap50']}); {int8.failure_hint(result)}"
+        )
+    quantized = onnx.load_from_string(model)
+    facts = int8.int8_facts(folder, n, seed, result)
+    contract.provenance["export"].update(precision="int8", fp32_nodes=result.fp32_nodes, int8=facts)
     set_contract(quantized, contract)
     check_interface(quantized, contract)
-    report = int8.verify_int8(quantized.SerializeToString(), fp32, contract, tiles[n:])
+    report = int8.verify_int8(quantized.SerializeToString(), fp32, contract, *images)
+    if not report.passed:
+        report.notes.append(int8.failure_hint(result))
     report.raise_if_failed()
-    contract.provenance["export"]["int8"]["verification"] = {
+    facts["verification"] = {
         "passed": report.passed,
         "max_errors": report.max_errors(),
-        "label_ap50": [c.labels["ap50"] for c in report.cases if c.labels],
+        **_label_record(report),
     }
     set_contract(quantized, contract)
     return quantized, report
@@ -283,19 +360,32 @@ def verify_against_torch(
     precision: str,
     fixture=None,
     tolerance: Tolerance | None = None,
+    images: tuple[dict, str] | None = None,
 ) -> Report:
-    """ONNX Runtime CPU vs the torch model on the fixture tile and two random tiles."""
-    test = ort_runner(proto.SerializeToString(), optimize=precision == "fp32")
+    """ONNX Runtime CPU vs the torch model on the fixture tile and two random tiles, and on ``images``
+    (like the user's: raw limits per image, label AP@0.5 pooled over them >= :data:`MIN_IMAGE_AP`)."""
+    test = cached(ort_runner(proto.SerializeToString(), optimize=precision == "fp32"))
 
+    @cached
     def reference(x):
         with torch.inference_mode():
             return model(torch.from_numpy(x)).numpy()
 
     inputs = standard_inputs(contract, fixture)
     limits = tolerance or TOLERANCES[precision]
-    report = compare(test, reference, contract, inputs, limits, (f"onnx-{precision}", "torch-fp32"))
+    names = (f"onnx-{precision}", "torch-fp32")
+    report = compare(test, reference, contract, inputs, limits, names)
+    if images is not None:
+        on, what = images
+        report.cases += compare(test, reference, contract, on, limits, names, label_cases=()).cases
+        report.cases.append(pooled_label_case(test, reference, contract, on, MIN_IMAGE_AP, what))
     if precision == "fp16":
         report.notes.append("ONNX Runtime CPU without graph optimisation: every fp16 cast kept, as on a GPU")
+        if images is None:
+            report.notes.append(
+                "labels judged on the fixture or synthetic tile only: give --verify-input (images or the "
+                "data folder) to judge them on images like yours"
+            )
     return report
 
 

@@ -1,0 +1,78 @@
+"""The data sets and models of the int8 accuracy table (issue 10): written and trained here, once.
+
+Three synthetic sets that differ in look, each with its own model trained by ``embedseg-train`` from
+scratch (1 torch thread, a wall-clock budget), so int8 is judged on models it was not tuned on:
+
+* ``nuclei-2d``: the generator's defaults (256 x 256, 20-60 round-ish objects, semi-axis 7-13 px);
+* ``cells-2d``: 300 x 300 (not a multiple of 8), larger, crowded, mostly touching objects with strong
+  texture and dim rims, pixel size 0.65 um;
+* ``nuclei-3d``: 32 x 96 x 96, anisotropy 2.
+
+    python benchmarks/int8_datasets.py [--root DIR] [--minutes M]
+
+Each set goes to ROOT/NAME/data and its run to ROOT/NAME/run (best.pth); an existing run is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import REPO
+
+DEFAULT_ROOT = REPO / "scratch" / "int8"
+SETS = {
+    "nuclei-2d": {"ndim": 2, "seed": 11},
+    "cells-2d": {
+        "ndim": 2,
+        "seed": 12,
+        "shape": (300, 300),
+        "n_objects": (25, 45),
+        "radius": (11.0, 20.0),
+        "touching_fraction": 0.8,
+        "texture": 0.4,
+        "rim": 0.6,
+        "pixel_size": 0.65,
+    },
+    "nuclei-3d": {"ndim": 3, "seed": 13, "anisotropy": 2.0},
+}
+
+
+def write(root: Path, name: str) -> Path:
+    from embedseg_deploy.synthetic import write_dataset
+
+    data = root / name / "data"
+    if not (data / "test").is_dir():
+        write_dataset(data, n_train=16, n_val=4, n_test=4, **SETS[name])
+    return data
+
+
+def train(root: Path, name: str, minutes: float) -> Path:
+    run = root / name / "run"
+    if (run / "best.pth").is_file():
+        return run / "best.pth"
+    data = write(root, name)
+    command = [sys.executable, "-m", "embedseg_training.cli", "train", str(data), "--out", str(run)]
+    command += ["--threads", "1", "--max-minutes", str(minutes), "--epochs", "200", "--seed", "0", "-q"]
+    print(" ".join(command), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, check=True)
+    print(f"{name}: trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return run / "best.pth"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    parser.add_argument("--minutes", type=float, default=12.0, help="training budget per set")
+    parser.add_argument("names", nargs="*", default=list(SETS))
+    args = parser.parse_args()
+    for name in args.names:
+        print(train(args.root, name, args.minutes), flush=True)
+
+
+if __name__ == "__main__":
+    main()
