@@ -47,9 +47,14 @@ DEFAULT_TILES = 16
 SEARCH_TILES = 4  # of the calibration tiles: the sensitivity of each block
 VERIFY_TILES = 4  # held-out tiles when there are no separate verification images
 MIN_LABEL_AP = 0.99
-# Per tile only a collapse is refused (one object of a 45-object tile moves AP@0.5 by 0.02); the limit
-# that counts, MIN_LABEL_AP, applies to the matches pooled over all verification images.
-TOLERANCE = Tolerance(offset_px=4.0, sigma_rel=0.5, seed_abs=0.3, min_label_ap=0.9)
+SEARCH_MIN_AP = 0.995  # the search's target on calibration tiles: a margin for the held-out verdict
+# Raw limits are means: over the foreground for offsets and sigma, everywhere for the seediness. int8
+# rounds every activation, so a maximum over ~65k pixels judges the one worst boundary pixel (10-60 px on
+# trained 2D models whose labels agree at AP@0.5 0.99). The means separate what hurts labels from what
+# does not (benchmarks/results/precision.md): offset/sigma decoder in int8 mean 2.8-5.6 px, AP@0.5
+# 0.0-0.85; in fp32 0.24 px, AP@0.5 1.0. Per tile only a collapse is refused (one object of a 45-object
+# tile moves AP@0.5 by 0.02); the limit that counts, MIN_LABEL_AP, applies to the pooled matches.
+TOLERANCE = Tolerance(offset_px=1.0, sigma_rel=0.1, seed_abs=0.05, min_label_ap=0.9, statistic="mean")
 TILE = {2: (256, 256), 3: (32, 128, 128)}
 CALIBRATION_LAYOUTS = (("train/images",), ("images",), (".",))
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Add", "Concat", "MaxPool")
@@ -229,9 +234,9 @@ def search(
 
     def attempt(kept: list[str]) -> tuple[bytes, Report]:
         model = quantizer(exclude=mandatory + [n for b in kept for n in network[b]])
-        return model, judge(
-            ort_runner(model), reference, contract, inputs, ("int8", "fp32"), "calibration tiles"
-        )
+        test = ort_runner(model)
+        names = ("int8", "fp32")
+        return model, judge(test, reference, contract, inputs, names, "calibration tiles", SEARCH_MIN_AP)
 
     model, report = attempt([])
     result = Search(list(mandatory))
@@ -292,7 +297,7 @@ def judge(
     """int8 against fp32: raw limits and a collapse check per input, and label AP@0.5 pooled over all
     inputs (TP / (TP + FP + FN) of all their objects) >= ``min_ap`` (default :data:`MIN_LABEL_AP`)."""
     test, reference = cached(test), cached(reference)
-    report = compare(test, reference, contract, inputs, TOLERANCE, names, tuple(inputs))
+    report = compare(test, reference, contract, inputs, TOLERANCE, names, tuple(inputs), foreground_only=True)
     min_ap = MIN_LABEL_AP if min_ap is None else min_ap
     report.cases.append(pooled_label_case(test, reference, contract, inputs, min_ap, what))
     return report

@@ -299,7 +299,7 @@ def _images_like_the_users(contract: Contract, given, folder) -> tuple[dict, str
     try:
         if given is not None:
             return verification_images(contract, given), "verification images"
-        if folder is not None and any((Path(folder) / sub).is_dir() for sub in VERIFY_LAYOUTS[0]):
+        if folder is not None and any((Path(folder) / sub).is_dir() for (sub,) in VERIFY_LAYOUTS[:2]):
             return verification_images(contract, folder), "val/test images"
     except ValueError as exc:
         raise ExportError(f"--verify-input: {exc}") from None
@@ -377,7 +377,8 @@ def verify_against_torch(
     report = compare(test, reference, contract, inputs, limits, names)
     if images is not None:
         on, what = images
-        report.cases += compare(test, reference, contract, on, limits, names, label_cases=()).cases
+        report.cases += compare(test, reference, contract, on, limits, names, (), foreground_only=True).cases
+        report.notes.append(f"{what}: offsets and sigma judged on the foreground the clustering reads")
         report.cases.append(pooled_label_case(test, reference, contract, on, MIN_IMAGE_AP, what))
     if precision == "fp16":
         report.notes.append("ONNX Runtime CPU without graph optimisation: every fp16 cast kept, as on a GPU")

@@ -39,6 +39,7 @@ class Tolerance:
     sigma_rel: float
     seed_abs: float
     min_label_ap: float | None = None
+    statistic: str = "max"  # or "mean": offsets and sigma over the foreground, seediness everywhere
 
 
 # fp32: ONNX Runtime CPU vs torch CPU (measured <= 3e-5 px, 1e-5 rel, 3e-6 on the fixtures); labels identical.
@@ -60,19 +61,40 @@ class VerificationError(RuntimeError):
     """An exported model does not reproduce its reference within tolerance."""
 
 
-def output_errors(test: np.ndarray, ref: np.ndarray, spacing: list[float]) -> dict[str, float]:
-    """Max error per output group between raw outputs ``(N, 2*ndim+1, *spatial)``; inf when not finite."""
+def output_errors(
+    test: np.ndarray,
+    ref: np.ndarray,
+    spacing: list[float],
+    fg_thresh: float | None = None,
+    statistic: str = "max",
+) -> dict[str, float]:
+    """Max (or ``statistic="mean"``) error per output group between raw outputs ``(N, 2*ndim+1,
+    *spatial)``; inf when not finite.
+
+    With ``fg_thresh``, offsets and sigma are judged only where the reference's seediness exceeds it:
+    the pixels the clustering reads them at (on images like the user's, fp16 moves background offsets,
+    which no object uses, by 0.57 px where the foreground's move by 0.03). The seediness is judged
+    everywhere.
+    """
     if test.shape != ref.shape:
         raise VerificationError(f"output shape {test.shape} differs from the reference {ref.shape}")
     ndim = len(spacing)
     if not np.isfinite(test).all():
         return dict.fromkeys(GROUPS, float("inf"))
     a, b = test.astype(np.float64), ref.astype(np.float64)
+    where = np.ones(b[:, -1].shape, bool) if fg_thresh is None else _sigmoid(b[:, -1]) > fg_thresh
+
+    def peak(error: np.ndarray) -> float:
+        if not where.any():
+            return 0.0
+        return float(error[where].max() if statistic == "max" else error[where].mean())
+
     offsets = [
-        np.abs(np.tanh(a[:, d]) - np.tanh(b[:, d])).max() / spacing[axis_of_dim(d, ndim)] for d in range(ndim)
+        peak(np.abs(np.tanh(a[:, d]) - np.tanh(b[:, d]))) / spacing[axis_of_dim(d, ndim)] for d in range(ndim)
     ]
-    sigma = np.abs(np.expm1(10.0 * (a[:, ndim : 2 * ndim] - b[:, ndim : 2 * ndim]))).max()
-    seed = np.abs(_sigmoid(a[:, -1]) - _sigmoid(b[:, -1])).max()
+    sigma = peak(np.abs(np.expm1(10.0 * (a[:, ndim : 2 * ndim] - b[:, ndim : 2 * ndim]))).max(axis=1))
+    seed = np.abs(_sigmoid(a[:, -1]) - _sigmoid(b[:, -1]))
+    seed = seed.max() if statistic == "max" else seed.mean()
     return {"offset_px": float(max(offsets)), "sigma_rel": float(sigma), "seed_abs": float(seed)}
 
 
@@ -193,7 +215,7 @@ def image_tiles(
     return tiles
 
 
-VERIFY_LAYOUTS = (("val/images", "test/images"), ("images",), (".",))
+VERIFY_LAYOUTS = (("val/images",), ("test/images",), ("images",), (".",))
 VERIFY_EXTENT = {2: (512, 512), 3: (48, 160, 160)}
 VERIFY_IMAGES = 6
 
@@ -338,12 +360,17 @@ class Report:
 
     def raise_if_failed(self) -> None:
         if not self.passed:
+            labels_differ = any("label" in p for c in self.cases for p in c.problems)
             hint = (
-                "If only the raw-output limits are exceeded and the labels agree, the difference is float"
-                " rounding between the two runtimes: relax the limits"
-                " (embedseg-export onnx --tolerance PX,REL,ABS)."
+                []
+                if labels_differ
+                else [
+                    "If only the raw-output limits are exceeded and the labels agree, the difference is"
+                    " float rounding between the two runtimes: relax the limits"
+                    " (embedseg-export onnx --tolerance PX,REL,ABS)."
+                ]
             )
-            raise VerificationError("\n".join([*self.lines(), hint]))
+            raise VerificationError("\n".join([*self.lines(), *hint]))
 
 
 def compare(
@@ -354,19 +381,23 @@ def compare(
     tolerance: Tolerance,
     names: tuple[str, str] = ("onnx", "torch"),
     label_cases: tuple[str, ...] = ("fixture", "synthetic"),
+    foreground_only: bool = False,
 ) -> Report:
-    """Run both on every input, measure the errors, cluster the ``label_cases`` and judge them."""
+    """Run both on every input, measure the errors, cluster the ``label_cases`` and judge them.
+    ``foreground_only``: offsets and sigma judged on the reference's foreground (:func:`output_errors`)."""
     report = Report(names[0], names[1], tolerance)
     cluster = clusterer()
     if cluster is None:
         report.notes.append("label check skipped: embedseg_deploy.cluster is not importable")
+    fg = contract.thresholds.fg_thresh if foreground_only else None
     for name, x in inputs.items():
         a, b = np.asarray(test(x)), np.asarray(reference(x))
-        case = Case(name, list(x.shape), output_errors(a, b, contract.spacing))
+        case = Case(name, list(x.shape), output_errors(a, b, contract.spacing, fg, tolerance.statistic))
         for group in GROUPS:
             limit = getattr(tolerance, group)
             if not case.errors[group] <= limit:
-                case.problems.append(f"{group} error {case.errors[group]:.3g} exceeds {limit:g}")
+                what = "" if tolerance.statistic == "max" else f" ({tolerance.statistic})"
+                case.problems.append(f"{group} error{what} {case.errors[group]:.3g} exceeds {limit:g}")
         if cluster is not None and name in label_cases:
             ref_labels, test_labels = labels_of(b[0], contract, cluster), labels_of(a[0], contract, cluster)
             identical = bool(np.array_equal(ref_labels, test_labels))
