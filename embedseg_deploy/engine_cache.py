@@ -49,7 +49,7 @@ from .contract import METADATA_KEY, Contract, ContractError
 from .io import atomic_write_bytes, sha256_file
 
 SIDECAR_KIND = "embedseg-tensorrt-engine"
-PRECISIONS = ("fp32", "tf32", "fp16")
+PRECISIONS = ("fp32", "tf32", "fp16", "int8")
 CACHE_ENV = "EMBEDSEG_ENGINE_CACHE"
 
 
@@ -279,17 +279,38 @@ def onnx_contract(path: str | os.PathLike, header: Mapping[str, Any] | None = No
 
 
 def onnx_precision(contract: Contract) -> str:
-    """``fp16`` for a model exported with ``--precision fp16``, else ``fp32``."""
+    """``fp16`` or ``int8`` for a model exported with that ``--precision``, else ``fp32``."""
     return str(contract.provenance.get("export", {}).get("precision", "fp32"))
+
+
+def int8_target(contract: Contract) -> str | None:
+    """Where an int8 model's activations were quantized for: ``cpu`` (uint8 with zero points, the fast
+    ONNX Runtime CPU kernels) or ``tensorrt`` (symmetric int8, TensorRT's only scheme); None if not int8."""
+    if onnx_precision(contract) != "int8":
+        return None
+    return str(contract.provenance["export"].get("int8", {}).get("target", "cpu"))
 
 
 def resolve_precision(path: str | os.PathLike, contract: Contract, precision: str | None) -> str:
     """The engine precision for this ONNX model: ``precision`` checked against what the model holds."""
     model = onnx_precision(contract)
     if precision is None:
-        return model
+        precision = model
     if precision not in PRECISIONS:
         raise EngineError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if model == "int8" and int8_target(contract) != "tensorrt":
+        raise EngineError(
+            f"{path} is an int8 model quantized for the CPU (uint8 activations with zero points); TensorRT "
+            "runs symmetric int8 only: export it with embedseg-export onnx --precision int8 "
+            "--int8-target tensorrt"
+        )
+    if (model == "int8") != (precision == "int8"):
+        raise EngineError(
+            f"{path} is an int8 model: its engine is int8 (use the fp32 ONNX for {precision})"
+            if model == "int8"
+            else f"{path} is an {model} model: int8 engines are built from an int8 ONNX model, calibrated "
+            "on your images (embedseg-export onnx CHECKPOINT --precision int8 --int8-target tensorrt)"
+        )
     if model == "fp16" and precision != "fp16":
         raise EngineError(f"{path} is an fp16 model: its engine is fp16 (use the fp32 ONNX for {precision})")
     if model != "fp16" and precision == "fp16":

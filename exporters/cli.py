@@ -1,7 +1,7 @@
 """``embedseg-export``: checkpoints to verified ONNX models and TensorRT engines.
 
-    embedseg-export onnx CHECKPOINT -o model.onnx [--precision fp16] [--no-verify] [--force]
-    embedseg-export trt model.onnx -o model.engine [--tile 256x256/512x512/512x512] [--precision fp16]
+    embedseg-export onnx CHECKPOINT -o model.onnx [--precision fp16|int8 [--calibrate DIR]] [--force]
+    embedseg-export trt model.onnx -o model.engine [--tile 256x256/512x512/512x512] [--precision fp16|int8]
     embedseg-export bioimageio MODEL -o model.zip [--name ...] [--author ...] [--test-image image.tif]
     embedseg-export info MODEL
 
@@ -119,6 +119,14 @@ def _is_tile(path: Path | None) -> bool:
     "--calibration-tiles", type=click.IntRange(min=1), default=None, help="int8: calibration tiles [16]."
 )
 @click.option(
+    "--int8-target",
+    type=click.Choice(["cpu", "tensorrt"]),
+    default="cpu",
+    show_default=True,
+    help="int8: the runtime the activations are quantized for: cpu (uint8 with zero points, ONNX Runtime "
+    "CPU) or tensorrt (symmetric int8, TensorRT and its ONNX Runtime EP; slow on the CPU).",
+)
+@click.option(
     "--keep-fp32",
     default=",".join(DEFAULT_KEEP),
     show_default=True,
@@ -153,6 +161,7 @@ def onnx_command(
     precision,
     calibrate,
     calibration_tiles,
+    int8_target,
     keep_fp32,
     opset,
     exporter,
@@ -190,6 +199,7 @@ def onnx_command(
             tolerance=limits,
             calibrate=calibrate,
             calibration_tiles=calibration_tiles,
+            int8_target=int8_target,
         )
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None
@@ -217,8 +227,9 @@ def onnx_command(
 @click.option("--batch", default="1", show_default=True, help="Batch size B or MIN/OPT/MAX.")
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "tf32", "fp16"]),
-    help="Default: the ONNX model's. fp16 from an fp32 model writes OUTPUT-stem.fp16.onnx, then builds.",
+    type=click.Choice(["fp32", "tf32", "fp16", "int8"]),
+    help="Default: the ONNX model's. fp16 from an fp32 model writes OUTPUT-stem.fp16.onnx, then builds; "
+    "int8 needs an int8 model exported with --int8-target tensorrt.",
 )
 @click.option(
     "--keep-fp32", default=",".join(DEFAULT_KEEP), show_default=True, help="For the fp16 conversion."

@@ -56,6 +56,10 @@ SEARCH_MIN_AP = 0.995  # the search's target on calibration tiles: a margin for 
 # tile moves AP@0.5 by 0.02); the limit that counts, MIN_LABEL_AP, applies to the pooled matches.
 TOLERANCE = Tolerance(offset_px=1.0, sigma_rel=0.1, seed_abs=0.05, min_label_ap=0.9, statistic="mean")
 TILE = {2: (256, 256), 3: (32, 128, 128)}
+# Activation schemes: ONNX Runtime's fast x86 kernels take uint8 activations with zero points (symmetric
+# int8 ran 1.12x fp32 where uint8 ran 2.2x, benchmarks/results/int8.md); TensorRT takes symmetric int8
+# only (zero point 0). Weights are symmetric int8 per channel for both.
+TARGETS = {"cpu": "uint8 per tensor, with zero points", "tensorrt": "int8 per tensor, symmetric"}
 CALIBRATION_LAYOUTS = (("train/images",), ("images",), (".",))
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Add", "Concat", "MaxPool")
 
@@ -124,10 +128,12 @@ def _quiet() -> Iterator[None]:
 class Quantizer:
     """Calibrates an fp32 model once, then makes QDQ int8 models with any nodes left in fp32."""
 
-    def __init__(self, fp32: bytes, tiles: list[np.ndarray], folder: Path) -> None:
+    def __init__(self, fp32: bytes, tiles: list[np.ndarray], folder: Path, target: str = "cpu") -> None:
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        self.folder = folder
+        if target not in TARGETS:
+            raise Int8Error(f"int8 target must be one of {', '.join(TARGETS)}, got {target!r}")
+        self.folder, self.target = folder, target
         self.name = onnx.load_from_string(fp32).graph.input[0].name
         self.tiles = tiles
         self.source, self.ranges = folder / "pre.onnx", folder / "ranges.json"
@@ -157,11 +163,12 @@ class Quantizer:
                 None if self.ranges.is_file() else Reader(),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                activation_type=QuantType.QUInt8,
+                activation_type=QuantType.QUInt8 if self.target == "cpu" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude,
                 nodes_to_quantize=only,
                 calibration_cache_path=self.ranges,
+                extra_options={"ActivationSymmetric": self.target == "tensorrt"},
             )
         return out.read_bytes()
 
@@ -318,10 +325,13 @@ def failure_hint(result: Search) -> str:
     )
 
 
-def int8_facts(folder: str | Path, n_calibration: int, seed: int, result: Search) -> dict[str, Any]:
+def int8_facts(
+    folder: str | Path, n_calibration: int, seed: int, result: Search, target: str = "cpu"
+) -> dict[str, Any]:
     return {
         "calibration": {"folder": str(folder), "tiles": n_calibration, "seed": seed, "method": "MinMax"},
-        "activations": "uint8 per tensor",
+        "target": target,
+        "activations": TARGETS[target],
         "weights": "int8 per channel",
         "fp32_nodes": result.fp32_nodes,
         "reason_fp32": "the raw output is never quantized (offsets and seed logits share the output tensor); "

@@ -206,6 +206,7 @@ def export_onnx(
     calibration_tiles: int | None = None,
     seed: int = 0,
     verify_images: str | Path | None = None,
+    int8_target: str = "cpu",
 ) -> Exported:
     """Export ``model`` (a BranchedERFNet) with ``contract`` embedded; verify unless ``verify=False``.
 
@@ -213,7 +214,8 @@ def export_onnx(
     and verifies it against the fp32 torch model with the fp16 tolerance. ``tolerance`` replaces the
     precision's default limits (:data:`.verify.TOLERANCES`). ``precision="int8"`` exports and verifies
     the fp32 model, then quantizes it on tiles of the images in ``calibrate`` (:mod:`.int8`) and checks
-    it against the fp32 model, labels included.
+    it against the fp32 model, labels included; ``int8_target`` picks the activation scheme, ``cpu``
+    (ONNX Runtime CPU) or ``tensorrt`` (TensorRT and its ONNX Runtime EP), :data:`.int8.TARGETS`.
 
     fp16 and int8 are also judged on labels of images like the user's: ``verify_images`` (a .tif file
     or a data folder), else the validation images of ``calibrate`` or of the training data the checkpoint
@@ -274,7 +276,7 @@ def export_onnx(
             export_facts["verification"]["images"] = _label_record(report)
         set_contract(proto, contract)
     if precision == "int8":
-        proto, report = _to_int8(proto, contract, calibrate, calibration_tiles, seed, images)
+        proto, report = _to_int8(proto, contract, calibrate, calibration_tiles, seed, images, int8_target)
     return Exported(proto, contract, report, time.perf_counter() - start)
 
 
@@ -311,7 +313,7 @@ def _label_record(report: Report) -> dict[str, Any]:
     return {c.name: {k: c.labels[k] for k in ("ap50", "n_ref", "n_test", "per_input")} for c in pooled}
 
 
-def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, images):
+def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, images, target: str):
     """The fp32 ``proto`` quantized on ``folder``'s images with the fp32 blocks found by
     :func:`.int8.search`, and verified against it on ``images`` (else held-out tiles)."""
     import tempfile
@@ -326,7 +328,7 @@ def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, 
         images = {f"held-out-{k}": t for k, t in enumerate(held_out)}, "held-out tiles"
     fp32 = proto.SerializeToString()
     with tempfile.TemporaryDirectory() as tmp:
-        quantizer = int8.Quantizer(fp32, tiles, Path(tmp))
+        quantizer = int8.Quantizer(fp32, tiles, Path(tmp), target)
         model, result = int8.search(
             quantizer, ort_runner(fp32), contract, tiles, [int8.output_node(proto)], int8.blocks(proto),
         )  # fmt: skip
@@ -336,7 +338,7 @@ def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, 
             f"calibration tiles (AP@0.5 {result.steps[-1]['ap50']}); {int8.failure_hint(result)}"
         )
     quantized = onnx.load_from_string(model)
-    facts = int8.int8_facts(folder, n, seed, result)
+    facts = int8.int8_facts(folder, n, seed, result, target)
     contract.provenance["export"].update(precision="int8", fp32_nodes=result.fp32_nodes, int8=facts)
     set_contract(quantized, contract)
     check_interface(quantized, contract)

@@ -137,3 +137,56 @@ def test_bad_calibration_input_is_refused_clearly(tmp_path):
     )
     assert result.exit_code == 1 and str(stacks / "s.tif") in result.output
     assert not any(tmp_path.glob("*.onnx"))
+
+
+def _int8_copy(path, tmp_path, target):
+    """An fp32 model file relabelled as an int8 export for ``target``: resolve_precision reads only the
+    contract."""
+    import onnx
+
+    from embedseg_deploy.engine_cache import onnx_contract as read_contract
+    from embedseg_exporters.onnx_export import set_contract
+
+    model, contract = onnx.load(str(path)), read_contract(path)
+    contract.provenance["export"].update(precision="int8", int8={"target": target})
+    set_contract(model, contract)
+    out = tmp_path / f"int8-{target}.onnx"
+    out.write_bytes(model.SerializeToString())
+    return out, read_contract(out)
+
+
+def test_tensorrt_int8_needs_a_symmetric_int8_model(tmp_path):
+    from embedseg_deploy.engine_cache import EngineError, resolve_precision
+
+    from ._export_models import exported
+
+    fp32, result = exported("ours-2d")
+    with pytest.raises(EngineError, match=r"int8 engines are built from an int8 ONNX model.*--int8-target"):
+        resolve_precision(fp32, result.contract, "int8")
+    cpu, contract = _int8_copy(fp32, tmp_path, "cpu")
+    with pytest.raises(EngineError, match=r"quantized for the CPU .* --int8-target tensorrt"):
+        resolve_precision(cpu, contract, None)
+    gpu, contract = _int8_copy(fp32, tmp_path, "tensorrt")
+    assert resolve_precision(gpu, contract, None) == resolve_precision(gpu, contract, "int8") == "int8"
+    with pytest.raises(EngineError, match="is an int8 model: its engine is int8"):
+        resolve_precision(gpu, contract, "fp32")
+
+
+def test_int8_for_tensorrt_has_symmetric_activations(data, tmp_path, monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+
+    from embedseg_exporters.onnx_export import export_checkpoint
+
+    monkeypatch.setattr(int8, "DEFAULT_TILES", 4)
+    out = tmp_path / "trt-int8.onnx"
+    ckpt = upstream_case(2) / "checkpoint.pth"
+    export_checkpoint(ckpt, out, precision="int8", calibrate=data, int8_target="tensorrt")
+    model = onnx.load(str(out))
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    zero_points = [constants[n.input[2]] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(zero_points) > 50
+    assert all(z.dtype == np.int8 and not z.any() for z in zero_points)  # TensorRT's scheme: zero point 0
+    facts = onnx_contract(out).provenance["export"]["int8"]
+    assert facts["target"] == "tensorrt" and facts["activations"] == int8.TARGETS["tensorrt"]
+    assert create_backend(out, "onnx-cpu").precision == "int8"  # ONNX Runtime CPU runs it too

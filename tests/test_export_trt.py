@@ -555,3 +555,20 @@ def test_engine_cache_real_build_is_reused(trt_env, tmp_path):
     assert describe(first)["problems"] == []
     out = ec.EngineRunner(first)(np.zeros((1, 1, 64, 64), np.float32))
     assert out.shape == (1, 5, 64, 64) and np.isfinite(out).all()
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+def test_int8_engine_from_a_symmetric_qdq_model(trt_env, tmp_path):
+    from embedseg_deploy.synthetic import write_dataset
+    from embedseg_exporters.onnx_export import export_checkpoint
+    from embedseg_exporters.tensorrt_build import build_trt
+
+    data = write_dataset(tmp_path / "data", n_train=3, n_val=1, n_test=0, seed=9)
+    model = tmp_path / "int8.onnx"
+    ckpt = UPSTREAM / "2d" / "checkpoint.pth"
+    export_checkpoint(ckpt, model, precision="int8", calibrate=data, int8_target="tensorrt")
+    out, sidecar = build_trt(model, tmp_path / "m.engine", tiles=["64x64/256x256/256x256"])
+    assert out.is_file() and sidecar["engine"]["precision"] == "int8" and sidecar["verification"]["passed"]
+    labels = [c for c in sidecar["verification"]["cases"] if c.get("labels")]
+    assert labels and all(c["labels"]["ap50"] >= 0.9 for c in labels)
