@@ -223,7 +223,9 @@ def format_markdown(report: dict[str, Any], title: str = "embedseg-run bench") -
         lines += ["", "Labels compared with the first backend:", ""]
         for a in report["agreement"]:
             lines.append(
-                f"- {a['backend']} vs {a['reference']} on {a['image']}: AP@0.5 {a['ap50']:.4f}, equal pixels "
+                f"- {a['backend']} vs {a['reference']} on {a['image']}: AP@0.5 {a['ap50']:.4f}, "
+                + (f"AP@0.5:0.9 {a['ap50_90']:.4f}, " if "ap50_90" in a else "")
+                + f"equal pixels "
                 f"{a['equal_pixels']:.4%} ({a['equal_pixels_renamed']:.4%} after renaming ids), "
                 f"identical {a['identical']}"
             )

@@ -3,6 +3,8 @@ against the fp32 model on labels; refused when it fails; clear errors for bad ca
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -65,6 +67,17 @@ def test_int8_export_round_trip(data, tmp_path):
         assert a.max() >= 20 and m.accuracy >= 0.9
         tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
     assert tp / (tp + fp + fn) >= 0.95
+    # embedseg-run bench times them side by side and compares the int8 labels with fp32's
+    from embedseg_deploy.cli import main as run_main
+
+    report = tmp_path / "bench.json"
+    args = ["bench", str(fp32), "--also", str(out), "--backends", "onnx-cpu", "--quick", "-q", "--no-plot"]
+    result = CliRunner().invoke(run_main, [*args, "-o", str(report)])
+    assert result.exit_code == 0, result.output
+    agreement = json.loads(report.read_text())["agreement"]
+    assert [a["backend"] for a in agreement] == ["onnx-cpu-int8"]
+    assert 0.0 < agreement[0]["ap50_90"] <= agreement[0]["ap50"] <= 1.0
+    assert "AP@0.5:0.9" in report.with_suffix(".md").read_text()
 
 
 def test_a_model_that_fails_the_label_check_is_not_written(data, tmp_path, monkeypatch):
