@@ -285,7 +285,8 @@ def search(
 
 def _step(k: int, report: Report) -> dict[str, Any]:
     pooled = next(c for c in report.cases if c.name.startswith("pooled"))
-    return {"fp32_blocks": k, "ap50": round(pooled.labels["ap50"], 4), "passed": report.passed}
+    ap = round(pooled.labels["ap50"], 4)
+    return {"fp32_blocks": k, "ap50": ap, "objects": pooled.labels["n_ref"], "passed": report.passed}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,6 +316,20 @@ def verify_int8(
 ) -> Report:
     """The int8 model against the fp32 model (both ONNX Runtime CPU) on ``inputs``."""
     return judge(ort_runner(int8), ort_runner(fp32), contract, inputs, ("onnx-int8", "onnx-fp32"), what)
+
+
+FEW_OBJECTS = 100
+
+
+def few_objects_note(result: Search) -> str | None:
+    """A note when the search judged labels on so few objects that one object moves AP@0.5 a lot."""
+    n = result.steps[0]["objects"] if result.steps else 0
+    if n >= FEW_OBJECTS:
+        return None
+    return (
+        f"the calibration tiles hold {n} objects: one object more or less moves their AP@0.5 by "
+        f"{1 / max(n, 1):.3f}; calibrate on more images for a finer judgement"
+    )
 
 
 def failure_hint(result: Search) -> str:

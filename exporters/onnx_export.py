@@ -338,11 +338,14 @@ def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, 
             f"calibration tiles (AP@0.5 {result.steps[-1]['ap50']}); {int8.failure_hint(result)}"
         )
     quantized = onnx.load_from_string(model)
-    facts = int8.int8_facts(folder, n, seed, result, target)
+    facts = int8.int8_facts(folder, len(tiles), seed, result, target)
     contract.provenance["export"].update(precision="int8", fp32_nodes=result.fp32_nodes, int8=facts)
     set_contract(quantized, contract)
     check_interface(quantized, contract)
     report = int8.verify_int8(quantized.SerializeToString(), fp32, contract, *images)
+    note = int8.few_objects_note(result)
+    if note:
+        report.notes.append(note)
     if not report.passed:
         report.notes.append(int8.failure_hint(result))
     report.raise_if_failed()

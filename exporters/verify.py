@@ -201,17 +201,25 @@ def read_normalized(contract: Contract, path: Path) -> np.ndarray:
 def image_tiles(
     contract: Contract, files: list[Path], n: int, tile: tuple[int, ...], seed: int = 0
 ) -> list[np.ndarray]:
-    """``n`` tiles (1, C, *tile) cut at seeded random places from ``files`` in turn, each image normalised
-    whole first, as at inference. An image smaller than a tile gives itself, cut to the tile multiple."""
+    """Up to ``n`` tiles (1, C, *tile) cut at seeded random places from ``files`` in turn, each image
+    normalised whole first, as at inference. An image no larger than a tile (after cutting it to the tile
+    multiple) gives itself once: fewer than ``n`` tiles when the images are few and small."""
     rng = np.random.default_rng(seed)
     images = [read_normalized(contract, path) for path in files]
     m = contract.tile_multiple
-    tiles = []
-    for k in range(n):
-        x, path = images[k % len(images)], files[k % len(files)]
+    tiles, whole = [], set()
+    for k in range(n * len(images)):  # enough turns to skip the images already given whole
+        if len(tiles) == n or len(whole) == len(images):
+            break
+        i = k % len(images)
+        x, path = images[i], files[i]
         size = [min(t, s // m * m) for t, s in zip(tile, x.shape[1:], strict=True)]
         if min(size) < m:
             raise ValueError(f"{path}: shape {x.shape[1:]} is smaller than {m} px along an axis")
+        if all(s - t < m for s, t in zip(x.shape[1:], size, strict=True)):  # one place only
+            if i in whole:
+                continue
+            whole.add(i)
         start = [int(rng.integers(0, s - t + 1)) for s, t in zip(x.shape[1:], size, strict=True)]
         box = tuple(slice(a, a + t) for a, t in zip(start, size, strict=True))
         tiles.append(np.ascontiguousarray(x[(slice(None), *box)][None], dtype=np.float32))
