@@ -103,6 +103,8 @@ def describe(path: str | os.PathLike, upstream_json_dir: str | os.PathLike | Non
             "input": export.get("input"),
             "output": export.get("output"),
         }
+        if "int8" in export:
+            info["details"]["int8"] = _int8_summary(export["int8"])
         info["notes"] += _onnx_check(path)
     else:
         doc = read_sidecar(path)
@@ -131,6 +133,19 @@ def describe(path: str | os.PathLike, upstream_json_dir: str | os.PathLike | Non
             ]
     info["contract"] = contract.to_dict()
     return info
+
+
+def _int8_summary(facts: dict[str, Any]) -> str:
+    """One line: the activation target, the calibration, the blocks kept fp32 and the verdict."""
+    cal = facts.get("calibration", {})
+    blocks = facts.get("search", {}).get("fp32_blocks", [])
+    verdict = facts.get("verification", {})
+    aps = [v["ap50"] for k, v in verdict.items() if k.startswith("pooled") and isinstance(v, dict)]
+    return (
+        f"{facts.get('target', 'cpu')} ({facts.get('activations')}); calibrated on {cal.get('tiles')} tiles "
+        f"of {cal.get('folder')}; fp32 blocks: {', '.join(blocks) or 'none'} (and the output node)"
+        + (f"; label AP@0.5 vs fp32 {aps[0]:.4f}" if aps else "")
+    )
 
 
 def _onnx_check(path: Path) -> list[str]:

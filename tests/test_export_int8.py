@@ -57,6 +57,9 @@ def test_int8_export_round_trip(data, tmp_path):
     assert tried[len(kept)] and not tried[len(kept) - 1]  # one block fewer failed: the fewest
     backend = create_backend(out, "onnx-cpu")
     assert backend.precision == "int8"
+    shown = CliRunner().invoke(main, ["info", str(out)]).output
+    assert "int8: cpu (uint8 per tensor, with zero points); calibrated on 3 tiles" in shown
+    assert f"fp32 blocks: {', '.join(kept) or 'none'} (and the output node)" in shown
     fp32 = tmp_path / "fp32.onnx"
     assert CliRunner().invoke(main, ["onnx", str(ckpt), "-o", str(fp32)]).exit_code == 0
     tp = fp = fn = 0
