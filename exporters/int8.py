@@ -32,6 +32,7 @@ import onnx
 from embedseg_deploy.contract import Contract, axis_of_dim
 
 from .verify import (
+    FEW_OBJECTS,
     Report,
     Runner,
     Tolerance,
@@ -318,13 +319,10 @@ def verify_int8(
     return judge(ort_runner(int8), ort_runner(fp32), contract, inputs, ("onnx-int8", "onnx-fp32"), what)
 
 
-FEW_OBJECTS = 100
-
-
 def few_objects_note(result: Search) -> str | None:
     """A note when the search judged labels on so few objects that one object moves AP@0.5 a lot."""
     n = result.steps[0]["objects"] if result.steps else 0
-    if n >= FEW_OBJECTS:
+    if n >= FEW_OBJECTS:  # the same bound as the verdict's one-object grace
         return None
     return (
         f"the calibration tiles hold {n} objects: one object more or less moves their AP@0.5 by "

@@ -310,7 +310,8 @@ def _images_like_the_users(contract: Contract, given, folder) -> tuple[dict, str
 
 def _label_record(report: Report) -> dict[str, Any]:
     pooled = [c for c in report.cases if c.name.startswith("pooled")]
-    return {c.name: {k: c.labels[k] for k in ("ap50", "n_ref", "n_test", "per_input")} for c in pooled}
+    keys = ("ap50", "n_ref", "n_test", "per_input", "one_object_grace")
+    return {c.name: {k: c.labels[k] for k in keys} for c in pooled}
 
 
 def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, images, target: str):

@@ -361,6 +361,8 @@ class Report:
             if c.labels:
                 n_ref, n_test, ap = c.labels["n_ref"], c.labels["n_test"], c.labels["ap50"]
                 lab = f"; labels {n_ref}/{n_test} objects, AP@0.5 {ap:.4f}"
+                if c.labels.get("one_object_grace"):
+                    lab += f" (one object of {n_ref} differs: AP's smallest step below {FEW_OBJECTS} objects)"
             if c.name.startswith("pooled"):
                 out.append(f"  {c.name} ({c.shape[0]}){lab}")
             else:
@@ -427,6 +429,9 @@ def compare(
     return report
 
 
+FEW_OBJECTS = 100
+
+
 def pooled_label_case(
     test: Runner,
     reference: Runner,
@@ -437,7 +442,9 @@ def pooled_label_case(
 ) -> Case:
     """Labels of both on every input, matched at IoU 0.5 and pooled: AP = TP / (TP + FP + FN) over all
     objects, a problem when below ``min_ap``. One object of a 45-object tile moves a per-image AP by 0.02;
-    pooling judges the model on all of them at once."""
+    pooling judges the model on all of them at once. Below :data:`FEW_OBJECTS` reference objects one
+    object may differ (AP 0.98 with 57 objects is the smallest step, not a trend); ``labels`` records
+    when that grace decided."""
     from embedseg_deploy.metrics import matching
 
     cluster = clusterer()
@@ -453,7 +460,10 @@ def pooled_label_case(
     case = Case(f"pooled {what}", [len(inputs)], dict.fromkeys(GROUPS, 0.0))
     case.labels = {"n_ref": tp + fn, "n_test": tp + fp, "identical": fp == fn == 0, "ap50": pooled}
     case.labels["per_input"] = per_input
-    if pooled < min_ap:
+    n = tp + fn
+    grace = n < FEW_OBJECTS and fp + fn <= 1  # AP's resolution is 1/n: one object is all it can tell
+    case.labels["one_object_grace"] = bool(grace and pooled < min_ap)
+    if pooled < min_ap and not grace:
         case.problems.append(
             f"label AP@0.5 over the {what} {pooled:.4f} below {min_ap} ({fp} objects more, {fn} fewer than "
             "the reference)"

@@ -206,3 +206,24 @@ def test_int8_for_tensorrt_has_symmetric_activations(data, tmp_path, monkeypatch
     facts = onnx_contract(out).provenance["export"]["int8"]
     assert facts["target"] == "tensorrt" and facts["activations"] == int8.TARGETS["tensorrt"]
     assert create_backend(out, "onnx-cpu").precision == "int8"  # ONNX Runtime CPU runs it too
+
+
+@pytest.mark.parametrize(("n_objects", "removed", "passed"), [(40, 1, True), (40, 2, False), (140, 2, False)])
+def test_pooled_label_verdict_allows_one_object_only_below_100(n_objects, removed, passed):
+    from embedseg_deploy.cluster import cluster
+    from embedseg_deploy.contract import Contract
+    from embedseg_deploy.synthetic import ideal_output
+    from embedseg_exporters.verify import labels_of, pooled_label_case
+
+    side = 160 if n_objects < 100 else 320
+    raw, truth = ideal_output((side, side), n_objects, 6.0, rng=3)
+    contract = Contract(ndim=2, spacing=[1 / 1023, 1 / 1023])
+    test = raw.copy()
+    for k in range(1, removed + 1):
+        test[-1][truth == k] = -20.0  # no seediness: the object is gone
+    x = {"tile": np.zeros((1, 1, side, side), np.float32)}
+    case = pooled_label_case(lambda _: test[None], lambda _: raw[None], contract, x, 0.99, "tiles")
+    n = len(np.unique(labels_of(raw, contract, cluster))) - 1
+    assert case.labels["n_ref"] == n and case.labels["n_test"] == n - removed
+    assert (not case.problems) == passed
+    assert case.labels["one_object_grace"] == (passed and removed == 1)
