@@ -184,6 +184,17 @@ def _ints(text: str | None, option: str | None = None) -> list[int] | None:
     type=click.FloatRange(min=0, min_open=True),
     help="Wall-clock budget; the poly schedule runs over the epochs that fit [none].",
 )
+@click.option(
+    "--init",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Start from this checkpoint's weights (fine-tuning; same data and settings).",
+)
+@click.option(
+    "--qat",
+    type=click.Choice(["cpu", "tensorrt"]),
+    help="Quantization-aware fine-tuning of --init for this int8 target: int8 rounding of every "
+    "convolution input simulated; a few epochs at a low --lr (e.g. 5 at 5e-5).",
+)
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")
 def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pmax, divisor, resume, quiet,

@@ -103,6 +103,8 @@ class TrainConfig:
     seed_thresh: float = 0.9
     fg_thresh: float = 0.5
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
+    init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
+    qat: str | None = None  # int8 target ("cpu" or "tensorrt") simulated while fine-tuning; needs init
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -258,10 +260,29 @@ class _Setup:
     device: torch.device
 
 
+def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> None:
+    """Start from the weights of the checkpoint ``path``, which must mean the same as this run's."""
+    from .checkpoint import load_model
+
+    try:
+        start, theirs = load_model(Path(path))
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise TrainError(f"{path}: cannot start from this checkpoint ({exc})") from None
+    for key in ("ndim", "in_channels", "spacing"):
+        a, b = getattr(theirs, key), getattr(contract, key)
+        if not np.allclose(a, b, rtol=1e-6):
+            raise TrainError(f"{path}: its {key} {a} differs from this run's {b} (other data or settings)")
+    model.load_state_dict(start.state_dict())
+
+
 def _resolve(config: TrainConfig) -> _Setup:
     """Read the data, derive every unset value, build the datasets and the contract."""
     if config.epochs < 1:
         raise TrainError(f"epochs must be >= 1, got {config.epochs}")
+    if config.qat is not None and config.qat not in ("cpu", "tensorrt"):
+        raise TrainError(f"qat must be cpu or tensorrt, got {config.qat!r}")
+    if config.qat and not config.init:
+        raise TrainError("quantization-aware training fine-tunes a trained model: give --init CHECKPOINT")
     if config.max_minutes is not None and not config.max_minutes > 0:
         raise TrainError(f"max_minutes must be > 0, got {config.max_minutes}")
     data_dir = Path(config.data_dir)
@@ -483,6 +504,13 @@ def train(
     torch.manual_seed(cfg.seed)
     model = BranchedERFNet(contract.ndim, contract.in_channels)
     model.init_output(contract.ndim)
+    if cfg.init:
+        _initialise(model, cfg.init, contract)
+    if cfg.qat:
+        from .qat import attach
+
+        attach(model, symmetric=cfg.qat == "tensorrt")
+        contract.provenance["qat"] = {"from": cfg.init, "target": cfg.qat, "simulated": "convolution inputs"}
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
