@@ -38,6 +38,7 @@ def export_all(checkpoint: Path, folder: Path) -> dict[str, dict]:
     """fp32, fp16 and int8 models of ``checkpoint`` (cached in ``folder``), with export facts."""
     from embedseg_deploy.engine_cache import onnx_contract
     from embedseg_exporters.onnx_export import export_checkpoint
+    from embedseg_exporters.verify import VerificationError
 
     out = {}
     for precision in PRECISIONS:
@@ -45,13 +46,23 @@ def export_all(checkpoint: Path, folder: Path) -> dict[str, dict]:
         seconds = None
         if not path.is_file() or path.stat().st_mtime < checkpoint.stat().st_mtime:
             t0 = time.perf_counter()
-            export_checkpoint(checkpoint, path, precision=precision, force=True)
+            try:
+                export_checkpoint(checkpoint, path, precision=precision, force=True)
+            except VerificationError as exc:  # the exporter refused: recorded, as a user would see it
+                lines = str(exc).splitlines()
+                problems = [x.strip() for x in lines if "PROBLEM" in x or x.startswith("int8:")]
+                notes = [x.strip() for x in lines if "most sensitive" in x]
+                out[precision] = {"refused": problems[:4] + notes[:1]}
+                path.unlink(missing_ok=True)
+                log(f"  {precision}: refused: {problems[:2]}")
+                continue
             seconds = round(time.perf_counter() - t0, 1)
         facts = onnx_contract(path).provenance["export"]
         out[precision] = {"path": path, "export_seconds": seconds}
         if precision == "int8":
             search = facts["int8"]["search"]
             out[precision]["fp32_blocks"] = search["fp32_blocks"]
+            out[precision]["fp32_flops_share"] = search.get("fp32_flops_share")
             out[precision]["most_sensitive"] = search["sensitivity"][:3]
             out[precision]["search_steps"] = search["steps"]
         log(f"  {precision}: {path.name} ({seconds if seconds is not None else 'cached'} s)")
@@ -77,10 +88,12 @@ def accuracy(models: dict[str, dict], data: Path) -> dict:
     truth = [read_tiff(data / "test" / "masks" / p.name).data for p in images]
     labels = {}
     for precision, info in models.items():
+        if "refused" in info:
+            continue
         predictor = Predictor(info["path"], "onnx-cpu", threads=2)
         labels[precision] = [predictor.predict(read_tiff(p).data) for p in images]
     out = {"images": len(images), "shape": list(truth[0].shape), "objects": int(sum(t.max() for t in truth))}
-    for precision in PRECISIONS:
+    for precision in labels:
         vs_fp32 = pooled(list(zip(labels["fp32"], labels[precision], strict=True)))
         out[precision] = {
             "ap50_vs_fp32": round(vs_fp32[0], 4),
@@ -94,7 +107,9 @@ def accuracy(models: dict[str, dict], data: Path) -> dict:
 def speed(models: dict[str, dict], ndim: int, rounds: int) -> dict:
     from embedseg_deploy.backends import create_backend
 
-    backends = {p: create_backend(info["path"], "onnx-cpu", threads=2) for p, info in models.items()}
+    backends = {
+        p: create_backend(info["path"], "onnx-cpu", threads=2) for p, info in models.items() if "path" in info
+    }
     x = np.random.default_rng(0).uniform(0, 1, (1, 1, *SPEED_SHAPE[ndim])).astype(np.float32)
     times: dict[str, list[float]] = {p: [] for p in backends}
     for r in range(rounds + 1):  # round 0 warms up
@@ -179,32 +194,47 @@ def markdown(doc: dict) -> str:
         f"median of {doc['parameters']['rounds']} interleaved rounds after a warm-up, 2 threads.",
         "",
         "| data set | model | test images | AP@0.5 vs truth (fp32 / fp16 / int8) | fp16 vs fp32 AP@0.5, "
-        "@0.5:0.9 | int8 vs fp32 AP@0.5, @0.5:0.9 | int8 fp32 blocks |",
+        "@0.5:0.9 | int8 vs fp32 AP@0.5, @0.5:0.9 | int8: blocks kept fp32 |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in doc["sets"].items():
-        a, t = s["accuracy"], s["training"]
-        truth = " / ".join(f"{a[p]['ap50_vs_truth']:.3f}" for p in PRECISIONS)
-        blocks = ", ".join(s["exports"]["int8"]["fp32_blocks"]) or "none"
+        a, t, e = s["accuracy"], s["training"], s["exports"]
+
+        def vs_fp32(p: str, a=a) -> str:
+            return f"{a[p]['ap50_vs_fp32']:.4f}, {a[p]['ap50_90_vs_fp32']:.4f}" if p in a else "refused"
+
+        truth = " / ".join(f"{a[p]['ap50_vs_truth']:.3f}" if p in a else "-" for p in PRECISIONS)
+        blocks = "-"
+        if "fp32_blocks" in e["int8"]:
+            share = e["int8"].get("fp32_flops_share")
+            blocks = str(len(e["int8"]["fp32_blocks"]))
+            blocks += f" ({100 * share:.0f} % of FLOPs)" if share else ""
         lines.append(
             f"| {name} | {s['ndim']}D, {t['epochs']} epochs, best val IoU {t['best_val_iou']:.3f} "
             f"| {a['images']} x {'x'.join(map(str, a['shape']))}, {a['objects']} objects | {truth} "
-            f"| {a['fp16']['ap50_vs_fp32']:.4f}, {a['fp16']['ap50_90_vs_fp32']:.4f} "
-            f"| {a['int8']['ap50_vs_fp32']:.4f}, {a['int8']['ap50_90_vs_fp32']:.4f} | {blocks} |"
+            f"| {vs_fp32('fp16')} | {vs_fp32('int8')} | {blocks} |"
         )
     lines += ["", "| data set | tile | fp32 s | fp16 s (x) | int8 s (x) |", "|---|---|---:|---:|---:|"]
     for name, s in doc["sets"].items():
         v = s["speed"]
         cells = [f"{v['fp32']['median_s']:.3f}"] + [
-            f"{v[p]['median_s']:.3f} ({v[p]['speedup_vs_fp32']:.2f}x)" for p in ("fp16", "int8")
+            f"{v[p]['median_s']:.3f} ({v[p]['speedup_vs_fp32']:.2f}x)" if p in v else "refused"
+            for p in ("fp16", "int8")
         ]
         lines.append(f"| {name} | {'x'.join(map(str, v['shape']))} | " + " | ".join(cells) + " |")
-    lines += ["", "int8 search per data set (fp32 blocks tried -> label AP@0.5 on calibration tiles):", ""]
+    lines += ["", "Per data set: the int8 search (fp32 blocks -> AP@0.5 on calibration tiles), refusals:", ""]
     for name, s in doc["sets"].items():
-        e = s["exports"]["int8"]
-        steps = ", ".join(f"{x['fp32_blocks']} -> {x['ap50']}" for x in e["search_steps"])
-        worst = ", ".join(f"{b} ({v})" for b, v in e["most_sensitive"]) or "not ranked (none needed)"
-        lines.append(f"- {name}: {steps}; most sensitive: {worst}")
+        for precision in ("fp16", "int8"):
+            e = s["exports"][precision]
+            if "refused" in e:
+                lines.append(f"- {name} {precision} refused by the exporter: " + "; ".join(e["refused"]))
+            elif precision == "int8":
+                steps = ", ".join(f"{x['fp32_blocks']} -> {x['ap50']}" for x in e["search_steps"])
+                worst = ", ".join(f"{b} ({v})" for b, v in e["most_sensitive"]) or "not ranked (none needed)"
+                lines.append(
+                    f"- {name} int8 kept fp32: {', '.join(e['fp32_blocks']) or 'none'}; search {steps}; "
+                    f"most sensitive: {worst}"
+                )
     return "\n".join(lines) + "\n"
 
 

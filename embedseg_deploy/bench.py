@@ -122,13 +122,24 @@ def conv_flops(onnx_path: str | os.PathLike, input_shape: Sequence[int]) -> dict
     """
     try:
         import onnx
-        from onnx import shape_inference
     except ImportError:
         return None
-    model = onnx.load(str(onnx_path))
+    out = {"conv": 0, "conv_transpose": 0, "elementwise": 0}
+    for (op, _name), n in node_flops(onnx.load(str(onnx_path)), input_shape, str(onnx_path)).items():
+        out[{"Conv": "conv", "ConvTranspose": "conv_transpose"}.get(op, "elementwise")] += n
+    out["total"] = out["conv"] + out["conv_transpose"]
+    return out
+
+
+def node_flops(model: Any, input_shape: Sequence[int], where: str = "model") -> dict[tuple[str, str], int]:
+    """{(op type, node name): FLOPs} of an ``onnx.ModelProto`` for one input shape, as :func:`conv_flops`
+    counts them (output elements for nodes other than Conv and ConvTranspose)."""
+    from onnx import shape_inference
+
+    model = type(model).FromString(model.SerializeToString())  # shape inference on a copy
     dims = model.graph.input[0].type.tensor_type.shape.dim
     if len(dims) != len(input_shape):
-        raise ValueError(f"{onnx_path}: input has {len(dims)} dims, shape {list(input_shape)} given")
+        raise ValueError(f"{where}: input has {len(dims)} dims, shape {list(input_shape)} given")
     for d, v in zip(dims, input_shape, strict=True):
         d.ClearField("dim_param")
         d.dim_value = int(v)
@@ -138,20 +149,18 @@ def conv_flops(onnx_path: str | os.PathLike, input_shape: Sequence[int]) -> dict
         for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]
     }
     weights = {t.name: list(t.dims) for t in model.graph.initializer}
-    out = {"conv": 0, "conv_transpose": 0, "elementwise": 0}
-    for node in model.graph.node:
+    out: dict[tuple[str, str], int] = {}
+    for i, node in enumerate(model.graph.node):
+        key = (node.op_type, node.name or f"#{i}")
         if node.op_type in ("Conv", "ConvTranspose"):
             w = weights.get(node.input[1])
             if w is None:
-                raise ValueError(f"{onnx_path}: {node.op_type} {node.name} has a non-constant weight")
+                raise ValueError(f"{where}: {node.op_type} {node.name} has a non-constant weight")
             per_position = math.prod(w[1:])  # Cin/group * kernel (Conv); Cout/group * kernel (ConvT)
-            if node.op_type == "Conv":
-                out["conv"] += 2 * math.prod(shapes[node.output[0]]) * per_position
-            else:
-                out["conv_transpose"] += 2 * math.prod(shapes[node.input[0]]) * per_position
+            counted = node.output[0] if node.op_type == "Conv" else node.input[0]
+            out[key] = 2 * math.prod(shapes[counted]) * per_position
         elif node.output and node.output[0] in shapes:
-            out["elementwise"] += math.prod(shapes[node.output[0]])
-    out["total"] = out["conv"] + out["conv_transpose"]
+            out[key] = math.prod(shapes[node.output[0]])
     return out
 
 

@@ -135,6 +135,7 @@ class Quantizer:
         if target not in TARGETS:
             raise Int8Error(f"int8 target must be one of {', '.join(TARGETS)}, got {target!r}")
         self.folder, self.target = folder, target
+        self.fp32_model = onnx.load_from_string(fp32)
         self.name = onnx.load_from_string(fp32).graph.input[0].name
         self.tiles = tiles
         self.source, self.ranges = folder / "pre.onnx", folder / "ranges.json"
@@ -213,6 +214,7 @@ class Search:
     sensitivity: list[tuple[str, float]] = field(default_factory=list)  # most sensitive first
     steps: list[dict[str, Any]] = field(default_factory=list)  # {"fp32_blocks": k, "ap50": .., "passed": ..}
     passed: bool = True
+    fp32_flops_share: float = 0.0  # of the network's convolution FLOPs, in the blocks kept fp32
 
     def record(self, top: int = 8) -> dict[str, Any]:
         out = asdict(self)
@@ -236,8 +238,9 @@ def search(
     """The int8 model with the fewest blocks of ``network`` kept fp32 (besides ``mandatory``) that passes
     the label check on the calibration ``tiles``; blocks are ranked by their output error when quantized
     alone (on the first :data:`SEARCH_TILES`) and added most sensitive first, doubling, then bisected;
-    then each kept block but the first is tried back in int8, least sensitive first, and stays int8 when
-    the check still passes (a ranking of blocks quantized alone misses how their errors add up).
+    then each kept block but the first is tried back in int8, the most expensive (convolution FLOPs)
+    first, and stays int8 when the check still passes (a ranking of blocks quantized alone misses how
+    their errors add up).
     Gives up (``passed`` False) beyond ``max_fraction`` of the blocks."""
     reference = cached(fp32)
     inputs = {f"calibration-{k}": t for k, t in enumerate(tiles)}
@@ -282,7 +285,8 @@ def search(
         else:
             bad = k
     kept, model = ranked[: good[0]], good[1]
-    for block in reversed(kept[1:] if len(kept) > 1 else []):  # prune: least sensitive first
+    cost = block_flops(quantizer.fp32_model, network, tiles[0].shape)
+    for block in sorted(kept[1:], key=lambda b: -cost[b]):  # prune: the most expensive first
         trial = [b for b in kept if b != block]
         candidate, report = attempt(trial)
         result.steps.append(_step(len(trial), report, without=block))
@@ -290,7 +294,18 @@ def search(
             kept, model = trial, candidate
     result.fp32_blocks = kept
     result.fp32_nodes = mandatory + [n for b in kept for n in network[b]]
+    result.fp32_flops_share = round(sum(cost[b] for b in kept) / max(sum(cost.values()), 1), 4)
     return model, result
+
+
+def block_flops(
+    model: onnx.ModelProto, network: dict[str, list[str]], shape: tuple[int, ...]
+) -> dict[str, int]:
+    """Convolution FLOPs of each block at the input ``shape``: what keeping it in fp32 costs."""
+    from embedseg_deploy.bench import node_flops
+
+    per_node = {name: n for (op, name), n in node_flops(model, shape).items() if op.startswith("Conv")}
+    return {block: sum(per_node.get(n, 0) for n in nodes) for block, nodes in network.items()}
 
 
 def _step(k: int, report: Report, without: str | None = None) -> dict[str, Any]:

@@ -231,3 +231,23 @@ def test_pooled_label_verdict_allows_one_object_only_below_100(n_objects, remove
     assert case.labels["n_ref"] == n and case.labels["n_test"] == n - removed
     assert (not case.problems) == passed
     assert case.labels["one_object_grace"] == (passed and removed == 1)
+
+
+@pytest.mark.parametrize(("removed", "passed"), [(1, True), (2, False)])
+def test_per_tile_collapse_check_allows_one_object(removed, passed):
+    from embedseg_deploy.contract import Contract
+    from embedseg_deploy.synthetic import ideal_output
+    from embedseg_exporters.verify import compare
+
+    raw, truth = ideal_output((64, 64), 8, 6.0, rng=5)
+    test = raw.copy()
+    for k in range(1, removed + 1):
+        test[-1][truth == k] = -20.0
+    contract = Contract(ndim=2, spacing=[1 / 1023, 1 / 1023])
+    x = {"tile": np.zeros((1, 1, 64, 64), np.float32)}
+    tolerance = int8.TOLERANCE
+    report = compare(lambda _: test[None], lambda _: raw[None], contract, x, tolerance, label_cases=("tile",))
+    labels = report.cases[0].labels
+    assert labels["ap50"] < int8.TOLERANCE.min_label_ap  # 7/8 or 6/8 objects: below 0.9 either way
+    label_problems = [p for p in report.cases[0].problems if "label" in p]
+    assert (not label_problems) == passed
