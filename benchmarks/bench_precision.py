@@ -150,7 +150,7 @@ def main() -> None:
         entry = {
             "ndim": ndim,
             "exports": _plain(models),
-            "accuracy": accuracy(models, args.root / name / "data"),
+            "accuracy": accuracy(models, args.root / SETS[name].get("like", name) / "data"),
         }
         entry["training"] = _training(run)
         log(f"{name}: speed")
