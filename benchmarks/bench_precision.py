@@ -34,7 +34,7 @@ SPEED_SHAPE = {2: (1024, 1024), 3: (64, 256, 256)}
 THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(9))  # 0.50 ... 0.90
 
 
-def export_all(checkpoint: Path, folder: Path) -> dict[str, dict]:
+def export_all(checkpoint: Path, folder: Path, data: Path) -> dict[str, dict]:
     """fp32, fp16 and int8 models of ``checkpoint`` (cached in ``folder``), with export facts."""
     from embedseg_deploy.engine_cache import onnx_contract
     from embedseg_exporters.onnx_export import export_checkpoint
@@ -47,7 +47,10 @@ def export_all(checkpoint: Path, folder: Path) -> dict[str, dict]:
         if not path.is_file() or path.stat().st_mtime < checkpoint.stat().st_mtime:
             t0 = time.perf_counter()
             try:
-                export_checkpoint(checkpoint, path, precision=precision, force=True)
+                data_options = {"calibrate": data} if precision == "int8" else {}
+                if precision != "fp32":
+                    data_options["verify_images"] = data
+                export_checkpoint(checkpoint, path, precision=precision, force=True, **data_options)
             except VerificationError as exc:  # the exporter refused: recorded, as a user would see it
                 lines = str(exc).splitlines()
                 problems = [x.strip() for x in lines if "PROBLEM" in x or x.startswith("int8:")]
@@ -144,13 +147,14 @@ def main() -> None:
         if not checkpoint.is_file():
             raise SystemExit(f"{checkpoint}: not trained yet (python benchmarks/int8_datasets.py {name})")
         log(f"{name}: exporting")
-        models = export_all(checkpoint, run)
+        data = (args.root / SETS[name].get("like", name) / "data").resolve()
+        models = export_all(checkpoint, run, data)
         ndim = SETS[name]["ndim"]
         log(f"{name}: accuracy on the test images")
         entry = {
             "ndim": ndim,
             "exports": _plain(models),
-            "accuracy": accuracy(models, args.root / SETS[name].get("like", name) / "data"),
+            "accuracy": accuracy(models, data),
         }
         entry["training"] = _training(run)
         log(f"{name}: speed")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -167,6 +168,28 @@ def test_cli_train_and_config_round_trip(data2d, tmp_path):
     assert log1[1] == log2[1]  # same settings, same seed: same train loss
     res = CliRunner().invoke(main, [str(tmp_path / "missing"), "--out", str(run2), "-q"])
     assert res.exit_code != 0 and "data folder not found" in res.output
+
+
+def test_cli_prints_settings_counts_steps_shows_progress_and_keeps_runs(data2d, tmp_path):
+    run = tmp_path / "steps"
+    args = [str(data2d), "--out", str(run), "--batch-size", "2", "--iterations", "2", "--val-crops", "2"]
+    args += ["--crop-size", "32", "--steps", "3"]
+    res = CliRunner().invoke(main, args)  # not a terminal: progress lines, not a bar
+    assert res.exit_code == 0, res.output
+    assert "crop 32x32, batch 2, 2 iterations x 2 epochs = 4 steps" in res.output  # ceil(3 / 2) epochs
+    assert "spacing 1/1023 per px, thresholds seed 0.9 fg 0.5" in res.output
+    assert "epoch 1/2: batch 2/2, loss" in res.output and "epoch ETA 0 s" in res.output
+    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    best = re.search(r"best .* \(epoch (\d+), val IoU", res.output)
+    ious = [float(r["val_iou"]) for r in csv.DictReader((run / "log.csv").open())]
+    assert best and int(best.group(1)) == 1 + ious.index(max(ious))  # counted from 1, as printed
+    before = (run / "last.pth").stat().st_mtime_ns
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and "already holds a run (config.json, last.pth, best.pth)" in res.output
+    assert "--resume continues it, --force starts over" in res.output
+    assert (run / "last.pth").stat().st_mtime_ns == before  # nothing touched
+    res = CliRunner().invoke(main, [*args, "--force", "-q"])
+    assert res.exit_code == 0, res.output
 
 
 def test_epochs_in_budget_plans_the_epochs_that_fit():

@@ -154,6 +154,9 @@ def _ints(text: str | None, option: str | None = None) -> list[int] | None:
 )
 @click.option("--ndim", type=click.IntRange(2, 3), help="2 or 3 (default: from the masks).")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [200].")
+@click.option(
+    "--steps", type=click.IntRange(min=1), help="Optimizer steps in all: epochs = ceil(steps / iterations)."
+)
 @click.option("--batch-size", type=click.IntRange(min=1), help="Crops per batch [2D 16, 3D 4].")
 @click.option("--crop-size", help="Crop in array order, e.g. 96 or 32,128,128 [data properties].")
 @click.option("--iterations", type=click.IntRange(min=1), help="Batches per epoch [objects / batch].")
@@ -196,9 +199,10 @@ def _ints(text: str | None, option: str | None = None) -> list[int] | None:
     "convolution input simulated; a few epochs at a low --lr (e.g. 5 at 5e-5).",
 )
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
+@click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")
-def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pmax, divisor, resume, quiet,
-              **options) -> None:  # fmt: skip
+def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pmax, divisor, resume, force,
+              quiet, **options) -> None:  # fmt: skip
     """Train a BranchedERFNet on DATA_DIR/{train,val}/{images,masks}/*.tif."""
     require("embedseg-train train", "train", "torch")
     from .train import TrainConfig, TrainError, train
@@ -225,10 +229,11 @@ def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pma
     if not settings.get("data_dir") or not settings.get("out"):
         raise click.UsageError("give DATA_DIR and --out RUN_DIR (or a --config that has them)")
     try:
-        result = train(TrainConfig.from_dict(settings), progress=not quiet, resume=resume)
+        result = train(TrainConfig.from_dict(settings), progress=not quiet, resume=resume, force=force)
     except _errors() as exc:
         raise click.ClickException(str(exc)) from None
-    best = f"{result.best_checkpoint} (epoch {result.best_epoch}, val IoU {result.best_iou:.4f})"
+    epoch = "-" if result.best_epoch is None else result.best_epoch + 1  # counted from 1, as printed
+    best = f"{result.best_checkpoint} (epoch {epoch}, val IoU {result.best_iou:.4f})"
     click.echo(f"done: {result.epochs_done} epoch(s) logged in {result.run_dir}; best {best}")
 
 

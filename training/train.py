@@ -61,6 +61,7 @@ LOG_FIELDS = (
     "time_s",
 )
 POLY_POWER = 0.9
+LINE_SECONDS = 30.0  # progress lines when stderr is not a terminal
 UPSTREAM_GRID = 1024
 MAX_NONFINITE_STEPS = 5  # consecutive NaN/inf losses before training stops
 
@@ -103,6 +104,7 @@ class TrainConfig:
     seed_thresh: float = 0.9
     fg_thresh: float = 0.5
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
+    steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
     init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
     qat: str | None = None  # int8 target ("cpu" or "tensorrt") simulated while fine-tuning; needs init
 
@@ -227,12 +229,15 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
 
 
 class _Progress:
-    """A click progress bar with loss and crops/s, or nothing."""
+    """A click progress bar with loss and crops/s on a terminal; elsewhere (a log file, a pipe) a line
+    every :data:`LINE_SECONDS` with the batch, the loss and the epoch's ETA; or nothing."""
 
     def __init__(self, enabled: bool, length: int, label: str):
-        self.text = ""
+        self.text, self.label, self.length, self.done = "", label, length, 0
         self.bar = None
-        if enabled:
+        self.lines = enabled and not sys.stderr.isatty()
+        self.start = self.last = time.perf_counter()
+        if enabled and not self.lines:
             self.bar = click.progressbar(
                 length=length, label=label, file=sys.stderr, item_show_func=lambda _: self.text
             )
@@ -240,8 +245,15 @@ class _Progress:
 
     def update(self, text: str) -> None:
         self.text = text
+        self.done += 1
         if self.bar is not None:
             self.bar.update(1)
+        now = time.perf_counter()
+        if self.lines and (now - self.last >= LINE_SECONDS or self.done == self.length):
+            self.last = now
+            eta = (now - self.start) / self.done * (self.length - self.done)
+            line = f"{self.label}: batch {self.done}/{self.length}, {text}, epoch ETA {eta:.0f} s"
+            click.echo(line, err=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -258,6 +270,20 @@ class _Setup:
     train_ds: CropDataset
     val_ds: CropDataset
     device: torch.device
+
+
+def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) -> str:
+    """The resolved settings that decide a run, printed at its start."""
+    t = contract.thresholds
+    steps = cfg.epochs * int(cfg.iterations)
+    budget = f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else ""
+    return (
+        f"training {contract.ndim}D on {cfg.data_dir}: crop {'x'.join(map(str, cfg.crop_size))}, batch "
+        f"{cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} steps{budget}, lr "
+        f"{cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds seed {t.seed_thresh} "
+        f"fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
+        f"{torch.get_num_threads()}, seed {cfg.seed} -> {cfg.out}"
+    )
 
 
 def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> None:
@@ -279,6 +305,8 @@ def _resolve(config: TrainConfig) -> _Setup:
     """Read the data, derive every unset value, build the datasets and the contract."""
     if config.epochs < 1:
         raise TrainError(f"epochs must be >= 1, got {config.epochs}")
+    if config.steps is not None and config.steps < 1:
+        raise TrainError(f"steps must be >= 1, got {config.steps}")
     if config.qat is not None and config.qat not in ("cpu", "tensorrt"):
         raise TrainError(f"qat must be cpu or tensorrt, got {config.qat!r}")
     if config.qat and not config.init:
@@ -320,14 +348,15 @@ def _resolve(config: TrainConfig) -> _Setup:
         ndim=ndim,
         batch_size=batch,
         crop_size=crop,
-        iterations=config.iterations or max(1, math.ceil(n_objects / batch)),
+        iterations=(iterations := config.iterations or max(1, math.ceil(n_objects / batch))),
+        epochs=math.ceil(config.steps / iterations) if config.steps else config.epochs,
         workers=config.workers if config.workers is not None else (4 if device.type == "cuda" else 0),
         normalization=dataclasses.asdict(norm),
         anisotropy=props.anisotropy,
         pixel_size=props.pixel_size,
         foreground_weight=props.foreground_weight,
         spacing=spacing_yx,
-        data_dir=str(data_dir),
+        data_dir=str(data_dir.resolve()),  # the exporter finds it from anywhere (int8 calibration)
     )
     common = {"norm": norm, "center": config.center, "seed": config.seed, "anisotropy": props.anisotropy}
     length = resolved.iterations * batch
@@ -475,6 +504,7 @@ def train(
     config: TrainConfig | Mapping[str, Any] | str | os.PathLike,
     progress: bool = True,
     resume: bool | str | os.PathLike = False,
+    force: bool = False,
 ) -> RunResult:
     """Train a model as ``config`` (settings, a dict of them, or a run's config.json) says; ``resume``
     continues from ``out/last.pth`` (or a given path) with its optimiser, schedule, RNG state and log.
@@ -495,6 +525,14 @@ def train(
     setup = _resolve(cfg)
     cfg, contract, device = setup.config, setup.contract, setup.device
     run_dir = Path(cfg.out)
+    held = [f for f in (CONFIG, LAST, BEST) if (run_dir / f).exists()]
+    if held and not (resume or force):
+        raise TrainError(
+            f"{run_dir} already holds a run ({', '.join(held)}): --resume continues it, --force starts over "
+            "in it, or give another --out"
+        )
+    if progress:
+        click.echo(settings_line(cfg, contract, device), err=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG, cfg.to_json() + "\n")
     use_amp = bool(cfg.amp and device.type == "cuda")
