@@ -55,7 +55,7 @@ def export_all(checkpoint: Path, folder: Path, data: Path) -> dict[str, dict]:
                 lines = str(exc).splitlines()
                 problems = [x.strip() for x in lines if "PROBLEM" in x or x.startswith("int8:")]
                 notes = [x.strip() for x in lines if "most sensitive" in x]
-                out[precision] = {"refused": problems[:4] + notes[:1]}
+                out[precision] = {"refused": list(dict.fromkeys(problems[:4] + notes[:1]))}
                 path.unlink(missing_ok=True)
                 log(f"  {precision}: refused: {problems[:2]}")
                 continue
@@ -231,7 +231,8 @@ def markdown(doc: dict) -> str:
         for precision in ("fp16", "int8"):
             e = s["exports"][precision]
             if "refused" in e:
-                lines.append(f"- {name} {precision} refused by the exporter: " + "; ".join(e["refused"]))
+                reasons = "; ".join(dict.fromkeys(e["refused"]))
+                lines.append(f"- {name} {precision} refused by the exporter: {reasons}")
             elif precision == "int8":
                 steps = ", ".join(f"{x['fp32_blocks']} -> {x['ap50']}" for x in e["search_steps"])
                 worst = ", ".join(f"{b} ({v})" for b, v in e["most_sensitive"]) or "not ranked (none needed)"
