@@ -355,11 +355,21 @@ def few_objects_note(result: Search) -> str | None:
     )
 
 
-def failure_hint(result: Search) -> str:
+FINE_SPACING = 1 / 300  # finer than upstream's 1/255: a pixel is too few embedding units for uint8
+
+
+def failure_hint(result: Search, contract: Contract | None = None) -> str:
     """What to try when the int8 model fails, naming the blocks that hurt most."""
+    retrain = ""
+    if contract is not None and min(contract.spacing[-2:]) < FINE_SPACING:
+        retrain = (
+            f", or retrain at a coarser embedding spacing (this model has 1/{1 / contract.spacing[-1]:.0f} "
+            "per pixel; at embedseg-train --spacing 0.0039, i.e. 1/255, the same data kept 2 instead of 4 "
+            "blocks fp32 in 2D and 0 instead of 12 in 3D: benchmarks/results/precision.md)"
+        )
     return (
         f"most sensitive blocks (output error when quantized alone, in units of the limits): "
-        f"{result.worst()}. Try calibrating on more images (--calibration-tiles), or export fp16"
+        f"{result.worst()}. Try calibrating on more images (--calibration-tiles), or export fp16{retrain}"
     )
 
 

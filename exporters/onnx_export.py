@@ -336,7 +336,7 @@ def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, 
     if not result.passed:
         raise VerificationError(
             f"int8: even with {len(result.fp32_blocks)} blocks in fp32 the model fails the label check on "
-            f"calibration tiles (AP@0.5 {result.steps[-1]['ap50']}); {int8.failure_hint(result)}"
+            f"calibration tiles (AP@0.5 {result.steps[-1]['ap50']}); {int8.failure_hint(result, contract)}"
         )
     quantized = onnx.load_from_string(model)
     facts = int8.int8_facts(folder, len(tiles), seed, result, target)
@@ -348,7 +348,7 @@ def _to_int8(proto, contract: Contract, folder, n_tiles: int | None, seed: int, 
     if note:
         report.notes.append(note)
     if not report.passed:
-        report.notes.append(int8.failure_hint(result))
+        report.notes.append(int8.failure_hint(result, contract))
     report.raise_if_failed()
     facts["verification"] = {
         "passed": report.passed,

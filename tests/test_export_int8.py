@@ -251,3 +251,13 @@ def test_per_tile_collapse_check_allows_one_object(removed, passed):
     assert labels["ap50"] < int8.TOLERANCE.min_label_ap  # 7/8 or 6/8 objects: below 0.9 either way
     label_problems = [p for p in report.cases[0].problems if "label" in p]
     assert (not label_problems) == passed
+
+
+def test_failure_hint_suggests_a_coarser_spacing_only_for_fine_ones():
+    from embedseg_deploy.contract import Contract
+
+    result = int8.Search(["/Concat"], sensitivity=[("/decoders.0/output_conv", 2.0)])
+    fine = int8.failure_hint(result, Contract(ndim=2, spacing=[1 / 1023, 1 / 1023]))
+    assert "/decoders.0/output_conv (2)" in fine and "1/1023 per pixel" in fine and "--spacing 0.0039" in fine
+    coarse = int8.failure_hint(result, Contract(ndim=2, spacing=[1 / 255, 1 / 255]))
+    assert "--calibration-tiles" in coarse and "spacing" not in coarse
