@@ -116,7 +116,10 @@ def _is_tile(path: Path | None) -> bool:
     "[the training data the checkpoint records].",
 )
 @click.option(
-    "--calibration-tiles", type=click.IntRange(min=1), default=None, help="int8: calibration tiles [16]."
+    "--calibration-tiles",
+    type=click.IntRange(min=1),
+    default=None,
+    help="int8: calibration tiles [16; fewer when the images are few and no larger than a tile].",
 )
 @click.option(
     "--int8-target",
@@ -140,7 +143,7 @@ def _is_tile(path: Path | None) -> bool:
 @click.option(
     "--verify-input",
     type=click.Path(path_type=Path),
-    help="Images to judge fp16/int8 labels on: a .tif or a data folder (its val/ and test/ images) "
+    help="Images to judge fp16/int8 labels on: a .tif or a data folder (its val/, else test/ images) "
     "[the --calibrate or training data folder's]; or a C x spatial .npy tile for the torch check.",
 )
 @click.option(
