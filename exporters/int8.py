@@ -11,9 +11,14 @@ fp32 fell to 0.05-0.08 (benchmarks/results/int8.md).
 Which other blocks stay fp32 is measured, not fixed (:func:`search`): each block of the network
 (an ERFNet downsampler, non-bottleneck block, upsampler or output convolution) is quantized alone and its
 output error on calibration tiles ranks it; the most sensitive blocks are then kept in fp32, as few as
-pass the label check on those tiles. The result is verified against the fp32 model on other images (the
-user's validation images where there are any), on labels (pooled AP@0.5 >= :data:`MIN_LABEL_AP`) as well
-as raw-output limits; a model that fails is not written, and the error names the sensitive blocks.
+pass the label check on those tiles, and the most expensive of them are tried back in int8. What decides
+how many: the embedding spacing. At the default 1/1023 a pixel is 0.001 units, finer than per-tensor
+uint8 rounding in the offset decoder keeps; models trained at 1/255 kept 2 cheap blocks fp32 in 2D and
+none in 3D (benchmarks/results/precision.md).
+
+The result is verified against the fp32 model on other images (the user's validation images where there
+are any), on labels (pooled AP@0.5 >= :data:`MIN_LABEL_AP`) as well as raw-output limits; a model that
+fails is not written, and the error names the sensitive blocks.
 """
 
 from __future__ import annotations
