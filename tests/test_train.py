@@ -290,3 +290,11 @@ def test_training_stops_after_five_non_finite_losses_in_a_row(data2d, tmp_path, 
     with pytest.warns(RuntimeWarning), pytest.raises(TrainError, match=r"nan for 5 batches in a row.*--lr"):
         train(config, progress=False)
     assert len(calls) == 5 and not (tmp_path / "nan" / "last.pth").exists()
+
+
+def test_omp_wait_policy_is_passive_only_on_a_busy_machine_the_user_left_alone():
+    from embedseg_training.cli import omp_wait_policy
+
+    assert omp_wait_policy(0.3, 2, {}) is None  # idle: OpenMP's default (passive was slower)
+    assert omp_wait_policy(1.8, 2, {}) == "PASSIVE"  # busy: spinning threads lost 2x (train_threads.md)
+    assert omp_wait_policy(9.0, 2, {"OMP_WAIT_POLICY": "ACTIVE"}) is None  # the user's choice stands
