@@ -218,11 +218,11 @@ def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pma
               quiet, **options) -> None:  # fmt: skip
     """Train a BranchedERFNet on DATA_DIR/{train,val}/{images,masks}/*.tif."""
     policy = omp_wait_policy(os.getloadavg()[0], os.cpu_count() or 1, os.environ)
-    if policy:  # OpenMP reads it once, when torch loads it: before the import below
+    if policy:  # OpenMP reads it once, when torch loads it: before require() imports torch
         os.environ["OMP_WAIT_POLICY"] = policy
-        if not quiet:
-            click.echo(f"the machine is busy: OMP_WAIT_POLICY={policy} (set it yourself to choose)", err=True)
     require("embedseg-train train", "train", "torch")
+    if policy and not quiet:
+        click.echo(f"the machine is busy: OMP_WAIT_POLICY={policy} (set it yourself to choose)", err=True)
     from .train import TrainConfig, TrainError, train
 
     try:
