@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from .verify import (
     image_files,
     image_tiles,
     ort_runner,
-    pooled_label_case,
+    pool_labels,
 )
 
 DEFAULT_TILES = 16
@@ -141,7 +140,7 @@ class Quantizer:
             raise Int8Error(f"int8 target must be one of {', '.join(TARGETS)}, got {target!r}")
         self.folder, self.target = folder, target
         self.fp32_model = onnx.load_from_string(fp32)
-        self.name = onnx.load_from_string(fp32).graph.input[0].name
+        self.name = self.fp32_model.graph.input[0].name
         self.tiles = tiles
         self.source, self.ranges = folder / "pre.onnx", folder / "ranges.json"
         (folder / "fp32.onnx").write_bytes(fp32)
@@ -178,12 +177,6 @@ class Quantizer:
                 extra_options={"ActivationSymmetric": self.target == "tensorrt"},
             )
         return out.read_bytes()
-
-
-def quantize(fp32: bytes, tiles: list[np.ndarray], keep: list[str]) -> bytes:
-    """The QDQ int8 model of ``fp32`` calibrated on ``tiles``, the nodes ``keep`` in fp32."""
-    with tempfile.TemporaryDirectory() as folder:
-        return Quantizer(fp32, tiles, Path(folder))(exclude=keep)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -334,11 +327,11 @@ def judge(
     min_ap: float | None = None,
 ) -> Report:
     """int8 against fp32: raw limits and a collapse check per input, and label AP@0.5 pooled over all
-    inputs (TP / (TP + FP + FN) of all their objects) >= ``min_ap`` (default :data:`MIN_LABEL_AP`)."""
-    test, reference = cached(test), cached(reference)
+    inputs (TP / (TP + FP + FN) of all their objects) >= ``min_ap`` (default :data:`MIN_LABEL_AP`).
+    The inputs are single tiles or images (batch 1): :func:`.verify.compare` clusters the first item."""
     report = compare(test, reference, contract, inputs, TOLERANCE, names, tuple(inputs), foreground_only=True)
-    min_ap = MIN_LABEL_AP if min_ap is None else min_ap
-    report.cases.append(pooled_label_case(test, reference, contract, inputs, min_ap, what))
+    counts = {c.name: (c.labels["tp"], c.labels["fp"], c.labels["fn"]) for c in report.cases if c.labels}
+    report.cases.append(pool_labels(counts, MIN_LABEL_AP if min_ap is None else min_ap, what))
     return report
 
 

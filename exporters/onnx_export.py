@@ -280,14 +280,19 @@ def export_onnx(
     return Exported(proto, contract, report, time.perf_counter() - start)
 
 
+def _recorded_data(contract: Contract) -> str | None:
+    """The data folder a checkpoint of ours records (``provenance.config.data_dir``)."""
+    return (contract.provenance.get("config") or {}).get("data_dir")
+
+
 def training_data(contract: Contract) -> Path | None:
-    """The data folder a checkpoint of ours was trained on (``provenance.config.data_dir``), if it is here."""
-    folder = (contract.provenance.get("config") or {}).get("data_dir")
+    """The data folder a checkpoint of ours was trained on, if it is here."""
+    folder = _recorded_data(contract)
     return Path(folder) if folder and Path(folder).is_dir() else None
 
 
 def _where_trained(contract: Contract) -> str:
-    folder = (contract.provenance.get("config") or {}).get("data_dir")
+    folder = _recorded_data(contract)
     if folder:
         return f"the checkpoint was trained on {folder}, which is not on this machine"
     return "the checkpoint records no training data"

@@ -416,10 +416,11 @@ def compare(
             identical = bool(np.array_equal(ref_labels, test_labels))
             n_ref = len(np.unique(ref_labels[ref_labels > 0]))
             n_test = len(np.unique(test_labels[test_labels > 0]))
-            differ = 0 if identical else _mismatches(ref_labels, test_labels)
-            ap = 1.0 if identical else label_ap(ref_labels, test_labels)
+            tp, fp, fn = (n_ref, 0, 0) if identical else label_counts(ref_labels, test_labels)
+            ap = tp / (tp + fp + fn) if tp + fp + fn else 1.0
             case.labels = {"n_ref": n_ref, "n_test": n_test, "identical": identical, "ap50": ap}
-            one_object = differ <= 1  # not a collapse: on a tile of 8 nuclei one object is AP 0.875
+            case.labels.update(tp=tp, fp=fp, fn=fn)
+            one_object = fp + fn <= 1  # not a collapse: on a tile of 8 nuclei one object is AP 0.875
             if tolerance.min_label_ap is None and not identical:
                 case.problems.append(f"labels differ (AP@0.5 {ap:.4f}); fp32 must give identical labels")
             elif tolerance.min_label_ap is not None and ap < tolerance.min_label_ap and not one_object:
@@ -428,12 +429,12 @@ def compare(
     return report
 
 
-def _mismatches(ref: np.ndarray, test: np.ndarray) -> int:
-    """Objects without a partner at IoU 0.5, on either side (FP + FN)."""
+def label_counts(ref: np.ndarray, test: np.ndarray) -> tuple[int, int, int]:
+    """(TP, FP, FN) of ``test``'s objects against ``ref``'s at IoU 0.5."""
     from embedseg_deploy.metrics import matching
 
     m = matching(ref, test, thresh=0.5)
-    return int(m.fp + m.fn)
+    return int(m.tp), int(m.fp), int(m.fn)
 
 
 FEW_OBJECTS = 100
@@ -447,28 +448,31 @@ def pooled_label_case(
     min_ap: float,
     what: str,
 ) -> Case:
-    """Labels of both on every input, matched at IoU 0.5 and pooled: AP = TP / (TP + FP + FN) over all
-    objects, a problem when below ``min_ap``. One object of a 45-object tile moves a per-image AP by 0.02;
-    pooling judges the model on all of them at once. Below :data:`FEW_OBJECTS` reference objects one
-    object may differ (AP 0.98 with 57 objects is the smallest step, not a trend); ``labels`` records
-    when that grace decided."""
-    from embedseg_deploy.metrics import matching
-
+    """Labels of both on every input (every batch item), matched at IoU 0.5 and judged pooled
+    (:func:`pool_labels`)."""
     cluster = clusterer()
-    tp = fp = fn = 0
-    per_input = {}
+    counts: dict[str, tuple[int, int, int]] = {}
     for name, x in inputs.items():
         for k in range(x.shape[0]):
             ref = labels_of(np.asarray(reference(x))[k], contract, cluster)
-            m = matching(ref, labels_of(np.asarray(test(x))[k], contract, cluster))
-            tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
-            per_input[name] = round(float(m.accuracy), 4) if (m.tp + m.fp + m.fn) else 1.0
-    pooled = tp / max(tp + fp + fn, 1) if tp + fp + fn else 1.0
-    case = Case(f"pooled {what}", [len(inputs)], dict.fromkeys(GROUPS, 0.0))
+            c = label_counts(ref, labels_of(np.asarray(test(x))[k], contract, cluster))
+            counts[name] = tuple(a + b for a, b in zip(counts.get(name, (0, 0, 0)), c, strict=True))
+    return pool_labels(counts, min_ap, what)
+
+
+def pool_labels(counts: Mapping[str, tuple[int, int, int]], min_ap: float, what: str) -> Case:
+    """The verdict on (TP, FP, FN) per input, pooled: AP = TP / (TP + FP + FN) over all objects, a
+    problem when below ``min_ap``. One object of a 45-object tile moves a per-image AP by 0.02; pooling
+    judges the model on all of them at once. Below :data:`FEW_OBJECTS` reference objects one object may
+    differ (AP 0.98 with 57 objects is the smallest step, not a trend); ``labels`` records when that
+    grace decided."""
+    tp, fp, fn = (sum(c[i] for c in counts.values()) for i in range(3))
+    per_input = {name: round(t / (t + p + n), 4) if t + p + n else 1.0 for name, (t, p, n) in counts.items()}
+    pooled = tp / (tp + fp + fn) if tp + fp + fn else 1.0
+    case = Case(f"pooled {what}", [len(counts)], dict.fromkeys(GROUPS, 0.0))
     case.labels = {"n_ref": tp + fn, "n_test": tp + fp, "identical": fp == fn == 0, "ap50": pooled}
     case.labels["per_input"] = per_input
-    n = tp + fn
-    grace = n < FEW_OBJECTS and fp + fn <= 1  # AP's resolution is 1/n: one object is all it can tell
+    grace = tp + fn < FEW_OBJECTS and fp + fn <= 1  # AP's resolution is 1/n: one object is all it can tell
     case.labels["one_object_grace"] = bool(grace and pooled < min_ap)
     if pooled < min_ap and not grace:
         case.problems.append(

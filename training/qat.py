@@ -16,7 +16,7 @@ records the fine-tuning; export it with ``--precision int8`` as any other.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,7 +31,6 @@ class Range:
 
     low: float | None = None
     high: float | None = None
-    batches: int = field(default=0)
 
     def update(self, x: torch.Tensor) -> None:
         lo, hi = float(x.detach().min()), float(x.detach().max())
@@ -40,7 +39,6 @@ class Range:
         else:
             self.low += MOMENTUM * (lo - self.low)
             self.high += MOMENTUM * (hi - self.high)
-        self.batches += 1
 
 
 def fake_quantize(x: torch.Tensor, r: Range, symmetric: bool) -> torch.Tensor:
