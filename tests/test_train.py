@@ -58,7 +58,13 @@ def test_tiny_2d_run_writes_checkpoints_with_a_full_contract(data2d, tmp_path):
         and "optimizer_state_dict" in last
         and "optimizer_state_dict" not in load_checkpoint(result.best_checkpoint)
     )
-    assert last["scheduler"]["n_epochs"] == 2 and last["best_iou"] == max(r["val_iou"] for r in result.log)
+    assert last["scheduler"]["n_epochs"] == 2
+    # best.pth is the epoch whose whole val images the runtime segments best (AP@0.5; crop IoU breaks ties)
+    ranks = [(r["val_ap50"], r["val_iou"]) for r in result.log]
+    best = ranks.index(max(ranks))
+    assert last["best_epoch"] == result.best_epoch == best and result.best_ap50 == ranks[best][0]
+    assert (last["best_ap50"], last["best_iou"]) == ranks[best]
+    assert all(0 <= r["val_ap50_90"] <= r["val_ap50"] <= 1 for r in result.log)
     # lr follows the poly schedule over the real number of epochs
     assert [r["lr"] for r in result.log] == pytest.approx([poly_lr(5e-4, e, 2) for e in (0, 1)])
     assert poly_lr(5e-4, 1, 2) == pytest.approx(5e-4 * 0.5**0.9)
@@ -104,6 +110,7 @@ def test_resume_continues_exactly_and_seeds_reproduce(data2d, tmp_path):
     sa, sb = a["optimizer_state_dict"]["state"], b["optimizer_state_dict"]["state"]
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
     assert int(sa[0]["step"]) == 4  # two epochs of two iterations
+    assert (resumed.best_epoch, resumed.best_ap50) == (straight.best_epoch, straight.best_ap50)
     # another seed draws other crops and weights
     other = train(_tiny(data2d, tmp_path / "c", epochs=1, crop_size=[32, 32], seed=7), progress=False)
     assert other.log[0]["train_loss"] != straight.log[0]["train_loss"]
@@ -180,9 +187,10 @@ def test_cli_prints_settings_counts_steps_shows_progress_and_keeps_runs(data2d, 
     assert "spacing 1/1023 per px, thresholds seed 0.9 fg 0.5" in res.output
     assert "epoch 1/2: batch 2/2, loss" in res.output and "epoch ETA 0 s" in res.output
     assert json.loads((run / "config.json").read_text())["epochs"] == 2
-    best = re.search(r"best .* \(epoch (\d+), val IoU", res.output)
-    ious = [float(r["val_iou"]) for r in csv.DictReader((run / "log.csv").open())]
-    assert best and int(best.group(1)) == 1 + ious.index(max(ious))  # counted from 1, as printed
+    best = re.search(r"best .* \(epoch (\d+), val AP@0.5 [0-9.]+, IoU", res.output)
+    ranks = [(float(r["val_ap50"]), float(r["val_iou"])) for r in csv.DictReader((run / "log.csv").open())]
+    assert best and int(best.group(1)) == 1 + ranks.index(max(ranks))  # counted from 1, as printed
+    assert "best by val AP" in res.output and "val/ holds 5 objects" in res.output
     before = (run / "last.pth").stat().st_mtime_ns
     res = CliRunner().invoke(main, args)
     assert res.exit_code != 0 and "already holds a run (config.json, last.pth, best.pth)" in res.output
@@ -298,3 +306,24 @@ def test_omp_wait_policy_is_passive_only_on_a_busy_machine_the_user_left_alone()
     assert omp_wait_policy(0.3, 2, {}) is None  # idle: OpenMP's default (passive was slower)
     assert omp_wait_policy(1.8, 2, {}) == "PASSIVE"  # busy: spinning threads lost 2x (train_threads.md)
     assert omp_wait_policy(9.0, 2, {"OMP_WAIT_POLICY": "ACTIVE"}) is None  # the user's choice stands
+
+
+@pytest.mark.parametrize("select", ["ap", "iou"])
+def test_best_checkpoint_is_chosen_by_full_pipeline_ap_or_by_crop_iou(data2d, tmp_path, monkeypatch, select):
+    """A scripted val AP that falls while the crop IoU does what it does: "ap" keeps the epoch of the best
+    AP whatever the IoU says; "iou" is upstream's rule."""
+    import embedseg_training.train as train_module
+    from embedseg_training.validate import PipelineScore
+
+    aps = iter([0.9, 0.1, 0.1])
+    monkeypatch.setattr(
+        train_module, "pipeline_score", lambda *a, **k: PipelineScore(next(aps), 0.5, 5, 5, 1)
+    )
+    cfg = _tiny(data2d, tmp_path / select, epochs=3, crop_size=[32, 32], select=select)
+    result = train(cfg, progress=False)
+    ious = [r["val_iou"] for r in result.log]
+    assert [r["val_ap50"] for r in result.log] == [0.9, 0.1, 0.1]
+    assert result.best_epoch == (0 if select == "ap" else ious.index(max(ious)))
+    assert load_checkpoint(result.best_checkpoint)["epoch"] == result.best_epoch
+    with pytest.raises(TrainError, match="select must be ap or iou"):
+        train(_tiny(data2d, tmp_path / "x", select="loss"), progress=False)

@@ -7,6 +7,7 @@ work on a runtime-only install, and a command there stops with one line naming t
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def main() -> None:
 
     Without a command the arguments go to train: embedseg-train DATA_DIR --out RUN_DIR.
     """
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
 
 
 def _floats(text: str | None, option: str | None = None) -> list[float] | None:
@@ -211,6 +216,12 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     help="Quantization-aware fine-tuning of --init for this int8 target: int8 rounding of every "
     "convolution input simulated; a few epochs at a low --lr (e.g. 5 at 5e-5).",
 )
+@click.option(
+    "--select",
+    type=click.Choice(["ap", "iou"]),
+    help="Keep as best.pth the epoch with the best val AP@0.5 of whole images segmented by the runtime "
+    "(ap), or upstream's best mean IoU of val crops (iou) [ap].",
+)
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")
@@ -247,11 +258,14 @@ def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pma
     if not settings.get("data_dir") or not settings.get("out"):
         raise click.UsageError("give DATA_DIR and --out RUN_DIR (or a --config that has them)")
     try:
-        result = train(TrainConfig.from_dict(settings), progress=not quiet, resume=resume, force=force)
+        with warnings.catch_warnings():  # a warning is one line on stderr, not Python's source quote
+            warnings.showwarning = _warning_line
+            result = train(TrainConfig.from_dict(settings), progress=not quiet, resume=resume, force=force)
     except _errors() as exc:
         raise click.ClickException(str(exc)) from None
     epoch = "-" if result.best_epoch is None else result.best_epoch + 1  # counted from 1, as printed
-    best = f"{result.best_checkpoint} (epoch {epoch}, val IoU {result.best_iou:.4f})"
+    scores = f"val AP@0.5 {result.best_ap50:.3f}, IoU {result.best_iou:.4f}"
+    best = f"{result.best_checkpoint} (epoch {epoch}, {scores})"
     click.echo(f"done: {result.epochs_done} epoch(s) logged in {result.run_dir}; best {best}")
 
 

@@ -47,6 +47,7 @@ from .checkpoint import load_checkpoint, package_versions, save_checkpoint
 from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
+from .validate import pick_images, pipeline_score, small_val_note
 
 BEST, LAST, CONFIG, LOG_CSV, PLOT = "best.pth", "last.pth", "config.json", "log.csv", "loss.png"
 LOG_FIELDS = (
@@ -54,6 +55,8 @@ LOG_FIELDS = (
     "train_loss",
     "val_loss",
     "val_iou",
+    "val_ap50",
+    "val_ap50_90",
     "lr",
     "crops_per_s",
     "data_time_fraction",
@@ -103,6 +106,7 @@ class TrainConfig:
     spacing: float | None = None  # embedding units per y/x pixel
     seed_thresh: float = 0.9
     fg_thresh: float = 0.5
+    select: str = "ap"  # best.pth by full-pipeline val AP@0.5 ("ap") or by upstream's crop IoU ("iou")
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
     steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
     init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
@@ -145,6 +149,7 @@ class RunResult:
     last_checkpoint: Path
     best_iou: float
     best_epoch: int | None
+    best_ap50: float  # full-pipeline pooled AP@0.5 on the val images at the best epoch
     epochs_done: int
     log: list[dict[str, Any]]
     config: TrainConfig
@@ -219,9 +224,11 @@ def write_plot(path: Path, rows: Sequence[Mapping[str, Any]]) -> bool:
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.legend()
-    ax2.plot(epochs, [r["val_iou"] for r in rows], color="C2")
+    ax2.plot(epochs, [r["val_iou"] for r in rows], color="C2", label="IoU per object (crops)")
+    ax2.plot(epochs, [r.get("val_ap50", np.nan) for r in rows], color="C3", label="AP@0.5 (images)")
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("val IoU (per object)")
+    ax2.set_ylabel("val")
+    ax2.legend()
     fig.tight_layout()
     with atomic_writer(path) as f:
         fig.savefig(f, format="png", dpi=80)
@@ -269,6 +276,8 @@ class _Setup:
     contract: Contract
     train_ds: CropDataset
     val_ds: CropDataset
+    val_images: list  # the val Samples segmented by the full pipeline each epoch
+    val_note: str | None  # why that check is coarse or partial
     device: torch.device
 
 
@@ -282,7 +291,7 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
         f"{cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} steps{budget}, lr "
         f"{cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds seed {t.seed_thresh} "
         f"fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
-        f"{torch.get_num_threads()}, seed {cfg.seed} -> {cfg.out}"
+        f"{torch.get_num_threads()}, seed {cfg.seed}, best by val {cfg.select.upper()} -> {cfg.out}"
     )
 
 
@@ -307,6 +316,8 @@ def _resolve(config: TrainConfig) -> _Setup:
         raise TrainError(f"epochs must be >= 1, got {config.epochs}")
     if config.steps is not None and config.steps < 1:
         raise TrainError(f"steps must be >= 1, got {config.steps}")
+    if config.select not in ("ap", "iou"):
+        raise TrainError(f"select must be ap or iou, got {config.select!r}")
     if config.qat is not None and config.qat not in ("cpu", "tensorrt"):
         raise TrainError(f"qat must be cpu or tensorrt, got {config.qat!r}")
     if config.qat and not config.init:
@@ -379,7 +390,8 @@ def _resolve(config: TrainConfig) -> _Setup:
         data_properties=props.to_dict(),
         provenance={"source": "embedseg_training", "trainer": f"embedseg_training {__version__}"},
     )
-    return _Setup(resolved, contract, train_ds, val_ds, device)
+    used = pick_images(val)
+    return _Setup(resolved, contract, train_ds, val_ds, used, small_val_note(val, used), device)
 
 
 # ------------------------------------------------------------------------------------------------ epochs
@@ -533,6 +545,8 @@ def train(
         )
     if progress:
         click.echo(settings_line(cfg, contract, device), err=True)
+    if setup.val_note:
+        warnings.warn(setup.val_note, stacklevel=2)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG, cfg.to_json() + "\n")
     use_amp = bool(cfg.amp and device.type == "cuda")
@@ -552,11 +566,12 @@ def train(
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start, best_iou, best_epoch, log = 0, -math.inf, None, []
+    start, best_iou, best_ap50, best_epoch, log = 0, -math.inf, -math.inf, None, []
     n_epochs = cfg.epochs  # the schedule's length; a time budget re-plans it after every epoch
     if resume:
         ck = _restore(run_dir / LAST if resume is True else Path(resume), model, opt, scaler, contract)
         start, best_iou, log = int(ck["epoch"]) + 1, float(ck["best_iou"]), list(ck["log"])
+        best_ap50 = float(ck.get("best_ap50", -math.inf))
         best_epoch = ck.get("best_epoch")
         if cfg.max_minutes is not None:  # a budgeted run goes on with its plan
             n_epochs = min(n_epochs, int((ck.get("scheduler") or {}).get("n_epochs", n_epochs)))
@@ -565,6 +580,9 @@ def train(
     train_loader = _loader(setup.train_ds, cfg.batch_size, True, cfg.workers, device)
     val_loader = _loader(setup.val_ds, cfg.batch_size, False, cfg.workers, device)
     provenance = {**contract.provenance, "config": cfg.to_dict(), "versions": package_versions()}
+    from embedseg_deploy.backends.torch_backend import ModuleBackend
+
+    runtime = ModuleBackend(model, contract, str(device))  # the live model, as embedseg-run will see it
     epoch_times: list[float] = []
     epoch = start
     while epoch < n_epochs:
@@ -583,13 +601,16 @@ def train(
         finally:
             bar.close()
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
+        score = pipeline_score(runtime, contract, setup.val_images)
         row = {"epoch": epoch, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
-        row["time_s"] = time.perf_counter() - t_epoch
+        row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "time_s": time.perf_counter() - t_epoch}
         log.append(row)
-        improved = val_iou > best_iou
+        # AP first and the crop IoU breaks its ties, or the crop IoU alone (upstream)
+        rank = (score.ap50, val_iou) if cfg.select == "ap" else (val_iou,)
+        improved = rank > ((best_ap50, best_iou) if cfg.select == "ap" else (best_iou,))
         if improved:
-            best_iou, best_epoch = val_iou, epoch
-        contract.provenance = {**provenance, "epoch": epoch, "val_iou": val_iou}
+            best_iou, best_ap50, best_epoch = val_iou, score.ap50, epoch
+        contract.provenance = {**provenance, "epoch": epoch, "val_iou": val_iou, "val": score.to_dict()}
         schedule = {"kind": "poly", "power": POLY_POWER, "base_lr": cfg.lr, "n_epochs": n_epochs}
         common = {
             "epoch": epoch,
@@ -598,7 +619,8 @@ def train(
             "scheduler": {**schedule, "last_epoch": epoch},
         }
         if improved:
-            save_checkpoint(run_dir / BEST, model, contract, **common, extra={"best_epoch": best_epoch})
+            best_extra = {"best_epoch": best_epoch, "best_ap50": best_ap50}
+            save_checkpoint(run_dir / BEST, model, contract, **common, extra=best_extra)
         save_checkpoint(
             run_dir / LAST,
             model,
@@ -607,6 +629,7 @@ def train(
             optimizer_state_dict=opt.state_dict(),
             extra={
                 "best_epoch": best_epoch,
+                "best_ap50": best_ap50,
                 "grad_scaler": scaler.state_dict() if use_amp else None,
                 "rng_state": torch.get_rng_state(),
                 "cuda_rng_state": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
@@ -617,7 +640,8 @@ def train(
         if progress:
             click.echo(
                 f"epoch {epoch + 1}/{n_epochs}: train loss {row['train_loss']:.4f}, "
-                f"val loss {val_loss:.4f}, val IoU {val_iou:.4f}{' (best)' if improved else ''}, "
+                f"val loss {val_loss:.4f}, val IoU {val_iou:.4f}, val AP@0.5 {score.ap50:.3f} "
+                f"({score.n_pred} objects for {score.n_true}){' (best)' if improved else ''}, "
                 f"lr {lr:.2e}, {row['crops_per_s']:.1f} crops/s, data {100 * row['data_time_fraction']:.0f}%"
                 + (f", {row['skipped_steps']} non-finite step(s) skipped" if row["skipped_steps"] else ""),
                 err=True,
@@ -634,6 +658,7 @@ def train(
         last_checkpoint=run_dir / LAST,
         best_iou=best_iou,
         best_epoch=best_epoch,
+        best_ap50=best_ap50,
         epochs_done=len(log),
         log=log,
         config=cfg,

@@ -66,3 +66,32 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             out = self._model(torch.from_numpy(batch).to(self.device))
         return out.float().cpu().numpy()
+
+
+class ModuleBackend(TorchBackend):
+    """A network being trained, seen through the runtime: training validates with the full pipeline.
+
+    The module is used as it is (no copy); each call runs it in eval mode and puts back the mode it had.
+    """
+
+    def __init__(self, module, contract, device: str = "cpu"):
+        import torch
+
+        self._torch = torch
+        self._model = module
+        Backend.__init__(
+            self,
+            name="torch-module",
+            device=str(device),
+            precision="fp32",
+            contract=contract,
+            shapes=ShapeSpec(contract.ndim, contract.tile_multiple),
+        )
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        was_training = self._model.training
+        self._model.eval()
+        try:
+            return super()._run(batch)
+        finally:
+            self._model.train(was_training)

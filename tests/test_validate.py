@@ -1,0 +1,68 @@
+"""Full-pipeline validation of training: the val images segmented by the runtime, scored as AP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embedseg_deploy.backends.torch_backend import ModuleBackend
+from embedseg_deploy.predict import Predictor
+from embedseg_deploy.synthetic import write_dataset
+from embedseg_training.checkpoint import load_model
+from embedseg_training.data import load_split
+from embedseg_training.train import TrainConfig, train
+from embedseg_training.validate import (
+    FEW_VAL_OBJECTS,
+    pick_images,
+    pipeline_score,
+    score_labels,
+    small_val_note,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_score_labels_counts_merges_and_misses_pooled_over_images():
+    truth = np.zeros((20, 30), np.int32)
+    truth[2:8, 2:8], truth[2:8, 10:16], truth[12:18, 2:8] = 1, 2, 3
+    assert score_labels([truth], [truth.copy()]).ap50 == 1.0
+    merged = truth.copy()
+    merged[2:8, 2:16] = 1  # two objects and the gap between become one: IoU 36 / 84 with either
+    missed = truth.copy()
+    missed[missed == 3] = 0
+    score = score_labels([truth, truth], [merged, missed])
+    # image 1: TP 1 (object 3), FP 1, FN 2; image 2: TP 2, FN 1 -> 3 / (3 + 1 + 3)
+    assert score.ap50 == pytest.approx(3 / 7) and (score.n_true, score.n_pred, score.images) == (6, 4, 2)
+    shrunk = truth.copy()
+    shrunk[2:8, 2:5] = 0  # IoU 0.5 exactly with object 1: a match at 0.5, not above
+    assert score_labels([truth], [shrunk]).ap50_90 < score_labels([truth], [shrunk]).ap50 == 1.0
+
+
+def test_pick_images_keeps_the_pixel_budget_and_notes_what_it_left_out(tmp_path):
+    root = write_dataset(
+        tmp_path / "d", ndim=2, n_train=1, n_val=3, n_test=0, shape=(64, 64), n_objects=(4, 6), seed=2
+    )
+    val = load_split(root, "val")
+    assert pick_images(val, max_pixels=2 * 64 * 64) == val[:2]
+    assert pick_images(val, max_pixels=10) == val[:1]  # at least one image, whatever its size
+    note = small_val_note(val, val[:2])
+    n = sum(s.n_objects for s in val[:2])
+    assert n < FEW_VAL_OBJECTS and f"val/ holds {n} objects" in note and "scores 2 of 3 val images" in note
+
+
+def test_a_live_model_scores_exactly_as_its_checkpoint_does_in_the_runtime(tmp_path):
+    root = write_dataset(tmp_path / "d", ndim=2, n_train=2, n_val=2, n_test=0, shape=(72, 88), seed=4)
+    cfg = TrainConfig(str(root), str(tmp_path / "run"), epochs=2, batch_size=2, iterations=2, crop_size=[32])
+    result = train(cfg, progress=False)
+    model, contract = load_model(result.best_checkpoint)
+    model.train()
+    val = load_split(root, "val")
+    live = pipeline_score(ModuleBackend(model, contract), contract, val)
+    assert model.training  # the check puts back the mode it found
+    runtime = Predictor(result.best_checkpoint, "torch")
+    labels = [runtime.predict(s.image[0]) for s in val]
+    assert live == score_labels([s.mask for s in val], labels)
+    assert live.ap50 == pytest.approx(result.best_ap50)
+    # thresholds the runtime accepts change the score the same way
+    strict = pipeline_score(ModuleBackend(model, contract), contract, val, {"seed_thresh": 0.999})
+    assert strict.n_pred <= live.n_pred
