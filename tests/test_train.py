@@ -320,7 +320,9 @@ def test_best_checkpoint_is_chosen_by_full_pipeline_ap_or_by_crop_iou(data2d, tm
         train_module, "pipeline_score", lambda *a, **k: PipelineScore(next(aps), 0.5, 5, 5, 1)
     )
     cfg = _tiny(data2d, tmp_path / select, epochs=3, crop_size=[32, 32], select=select)
-    result = train(cfg, progress=False)
+    seen = []
+    result = train(cfg, progress=False, on_epoch=lambda model, contract, row: seen.append(row["epoch"]))
+    assert seen == [0, 1, 2]  # the callback sees every epoch, after its checkpoints
     ious = [r["val_iou"] for r in result.log]
     assert [r["val_ap50"] for r in result.log] == [0.9, 0.1, 0.1]
     assert result.best_epoch == (0 if select == "ap" else ious.index(max(ious)))

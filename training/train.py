@@ -30,7 +30,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -517,6 +517,7 @@ def train(
     progress: bool = True,
     resume: bool | str | os.PathLike = False,
     force: bool = False,
+    on_epoch: Callable[[torch.nn.Module, Contract, dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Train a model as ``config`` (settings, a dict of them, or a run's config.json) says; ``resume``
     continues from ``out/last.pth`` (or a given path) with its optimiser, schedule, RNG state and log.
@@ -527,6 +528,9 @@ def train(
     expected to fit (:func:`epochs_in_budget`), epoch e gets the poly lr over that plan and the lr never
     rises (a plan that grows when the load drops holds the lr until the schedule catches up), so it falls
     to ~0 at the end of the budget. Without ``max_minutes`` runs are deterministic.
+
+    ``on_epoch(model, contract, row)`` is called after each epoch's checkpoints are written (``row`` is
+    its log row), e.g. to score the model on other images or to plot live.
     """
     t_call = time.perf_counter()
     if isinstance(config, str | os.PathLike):
@@ -647,6 +651,8 @@ def train(
                 err=True,
             )
         epoch_times.append(time.perf_counter() - t_epoch)
+        if on_epoch is not None:
+            on_epoch(model, contract, row)
         epoch += 1
         if cfg.max_minutes is not None:
             elapsed = time.perf_counter() - t_call
