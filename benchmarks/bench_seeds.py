@@ -78,12 +78,15 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
     from embedseg_training.train import TrainConfig, train
     from embedseg_training.validate import pipeline_score
 
+    if variant == "upstream":
+        return run_upstream(root, name, seed)
     folder = Path(root) / name / variant / f"seed{seed}"
     result = folder / "result.json"
-    if result.is_file():
-        return json.loads(result.read_text())
-    torch.set_num_threads(1)
     data = dataset(Path(root), name)
+    n_val = sum(s.n_objects for s in load_split(data, "val"))
+    if result.is_file():
+        return with_picks(json.loads(result.read_text()), n_val)  # the rules as they are now
+    torch.set_num_threads(1)
     test = load_split(data, "test")
     by_epoch = []
 
@@ -94,6 +97,7 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
                 "epoch": row["epoch"] + 1,
                 "val_iou": round(row["val_iou"], 4),
                 "val_ap50": round(row["val_ap50"], 4),
+                "val_objects": row["val_objects"],
                 "test_ap50": round(score.ap50, 4),
                 "test_ap50_90": round(score.ap50_90, 4),
                 "test_objects": score.n_pred,
@@ -106,13 +110,6 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
     t0 = time.perf_counter()
     run = train(config, progress=False, force=True, on_epoch=score_test)
     seconds = time.perf_counter() - t0
-    ious = [e["val_iou"] for e in by_epoch]
-    picks = {
-        "ap": run.best_epoch + 1,  # the run's best.pth: full-pipeline val AP@0.5, crop IoU on ties
-        "iou": ious.index(max(ious)) + 1,  # upstream's rule
-        "last": len(by_epoch),
-        "oracle": max(by_epoch, key=lambda e: e["test_ap50"])["epoch"],  # the best a rule could do
-    }
     out = {
         "set": name,
         "variant": variant,
@@ -123,13 +120,66 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
         "spacing": run.config.spacing,
         "train_seconds": round(seconds, 1),
         "load_at_start": round(load, 2),
-        "picked_epoch": picks,
-        **{f"{rule}_{key}": by_epoch[e - 1][f"test_{key}"] for rule, e in picks.items() for key in KEYS},
         "by_epoch": by_epoch,
     }
+    out = with_picks(out, n_val)
+    if config.select == "ap":
+        assert out["picked_epoch"]["ap"] == run.best_epoch + 1, "the replayed rule must be the trainer's"
     folder.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps(out, indent=1) + "\n")
     print({k: v for k, v in out.items() if k != "by_epoch"}, flush=True)
+    return out
+
+
+def pick_epochs(by_epoch: list[dict], n_val: int) -> dict[str, int]:
+    """The epoch (from 1) each rule keeps, replayed from the per-epoch record (``n_val`` val objects)."""
+    from embedseg_training.validate import kept_epoch
+
+    ious = [e["val_iou"] for e in by_epoch]
+    return {
+        "ap": 1 + kept_epoch([e["val_ap50"] for e in by_epoch], n_val),  # best.pth
+        "iou": 1 + ious.index(max(ious)),  # upstream's rule
+        "last": len(by_epoch),
+        "oracle": max(by_epoch, key=lambda e: e["test_ap50"])["epoch"],  # the best a rule could do
+    }
+
+
+def with_picks(out: dict, n_val: int) -> dict:
+    """``out`` with the epoch each rule picks and the test AP there (``RULE_ap50``, ``RULE_ap50_90``)."""
+    picks = pick_epochs(out["by_epoch"], n_val)
+    scores = {f"{r}_{k}": out["by_epoch"][e - 1][f"test_{k}"] for r, e in picks.items() for k in KEYS}
+    return out | {"picked_epoch": picks} | scores
+
+
+def run_upstream(root: str, name: str, seed: int) -> dict:
+    """Upstream EmbedSeg 0.2.5 trained and predicting as its notebooks do (upstream_train.py), scored
+    like ours; its one rule is its own best val crop IoU."""
+    from upstream_train import train_and_predict
+
+    from embedseg_deploy.io import read_tiff
+    from embedseg_training.validate import score_labels
+
+    data = dataset(Path(root), name)
+    folder = Path(root) / name / "upstream" / f"seed{seed}"
+    run = train_and_predict(data, folder, BUDGETS[name], seed)
+    images = sorted((data / "test" / "images").glob("*.tif"))
+    truth = [read_tiff(data / "test" / "masks" / p.name).data for p in images]
+    score = score_labels(truth, [read_tiff(folder / p.name).data for p in images])
+    out = {
+        "set": name,
+        "variant": "upstream",
+        "options": "EmbedSeg 0.2.5",
+        "seed": seed,
+        "steps": run["steps"] if "steps" in run else BUDGETS[name],
+        "epochs": run.get("epochs"),
+        "spacing": run.get("spacing"),
+        "train_seconds": run["seconds"]["total"],
+        "load_at_start": run["load_at_start"],
+        "picked_epoch": {"iou": run.get("best_epoch")},
+        "iou_ap50": round(score.ap50, 4),
+        "iou_ap50_90": round(score.ap50_90, 4),
+    }
+    print(out, flush=True)
     return out
 
 
@@ -142,6 +192,8 @@ def summary(rows: list[dict]) -> list[dict]:
     for (name, variant), rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         for rule in RULES:
+            if any(f"{rule}_ap50" not in r for r in rs):
+                continue
             row = {"set": name, "variant": variant, "rule": rule, "seeds": [r["seed"] for r in rs]}
             row["steps"] = rs[0]["steps"]
             for key in KEYS:
@@ -182,7 +234,7 @@ def markdown(doc: dict) -> str:
     lines += ["", "Per run (epochs counted from 1; the 1-min load when it started):", ""]
     lines += ["| set | variant | seed | epochs | picked (ap / iou / oracle) | s | load |", "|---" * 7 + "|"]
     for r in doc["runs"]:
-        e = r["picked_epoch"]
+        e = {"ap": "-", "oracle": "-", **r["picked_epoch"]}
         lines.append(
             f"| {r['set']} | {r['variant']} | {r['seed']} | {r['epochs']} | {e['ap']} / {e['iou']} / "
             f"{e['oracle']} | {r['train_seconds']:.0f} | {r['load_at_start']:.1f} |"

@@ -13,6 +13,8 @@ from embedseg_training.data import load_split
 from embedseg_training.train import TrainConfig, train
 from embedseg_training.validate import (
     FEW_VAL_OBJECTS,
+    keeps,
+    kept_epoch,
     pick_images,
     pipeline_score,
     score_labels,
@@ -66,3 +68,14 @@ def test_a_live_model_scores_exactly_as_its_checkpoint_does_in_the_runtime(tmp_p
     # thresholds the runtime accepts change the score the same way
     strict = pipeline_score(ModuleBackend(model, contract), contract, val, {"seed_thresh": 0.999})
     assert strict.n_pred <= live.n_pred
+
+
+def test_an_epoch_is_kept_within_one_object_of_the_best_ap_so_far():
+    assert keeps(0.0, [], 10) and keeps(0.5, [0.55], 10) and not keeps(0.4, [0.55], 10)
+    assert keeps(0.9, [0.9], 1000) and not keeps(0.898, [0.9], 1000)
+    # a noisy rise, a collapse at the end: the latest epoch near the top, not the single highest, not the last
+    aps = [0.0, 0.5, 0.82, 0.78, 0.8, 0.79, 0.2]
+    assert kept_epoch(aps, 20) == 5 and kept_epoch(aps, 1000) == 2
+    # the online rule and the offline replay agree
+    kept = [i for i in range(len(aps)) if keeps(aps[i], aps[:i], 20)]
+    assert kept[-1] == kept_epoch(aps, 20)

@@ -219,8 +219,8 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
 @click.option(
     "--select",
     type=click.Choice(["ap", "iou"]),
-    help="Keep as best.pth the epoch with the best val AP@0.5 of whole images segmented by the runtime "
-    "(ap), or upstream's best mean IoU of val crops (iou) [ap].",
+    help="Keep as best.pth the latest epoch whose val AP@0.5 (whole images segmented by the runtime) is "
+    "within one object of the best so far (ap), or upstream's best mean IoU of val crops (iou) [ap].",
 )
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")

@@ -47,7 +47,7 @@ from .checkpoint import load_checkpoint, package_versions, save_checkpoint
 from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
-from .validate import pick_images, pipeline_score, small_val_note
+from .validate import keeps, pick_images, pipeline_score, small_val_note
 
 BEST, LAST, CONFIG, LOG_CSV, PLOT = "best.pth", "last.pth", "config.json", "log.csv", "loss.png"
 LOG_FIELDS = (
@@ -57,6 +57,7 @@ LOG_FIELDS = (
     "val_iou",
     "val_ap50",
     "val_ap50_90",
+    "val_objects",
     "lr",
     "crops_per_s",
     "data_time_fraction",
@@ -607,11 +608,13 @@ def train(
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
         score = pipeline_score(runtime, contract, setup.val_images)
         row = {"epoch": epoch, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
-        row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "time_s": time.perf_counter() - t_epoch}
+        row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}
+        row["time_s"] = time.perf_counter() - t_epoch
         log.append(row)
-        # AP first and the crop IoU breaks its ties, or the crop IoU alone (upstream)
-        rank = (score.ap50, val_iou) if cfg.select == "ap" else (val_iou,)
-        improved = rank > ((best_ap50, best_iou) if cfg.select == "ap" else (best_iou,))
+        if cfg.select == "ap":  # within one object of the best AP so far: later epochs win near-ties
+            improved = keeps(score.ap50, [r.get("val_ap50", 0.0) for r in log[:-1]], score.n_true)
+        else:  # upstream's rule
+            improved = val_iou > best_iou
         if improved:
             best_iou, best_ap50, best_epoch = val_iou, score.ap50, epoch
         contract.provenance = {**provenance, "epoch": epoch, "val_iou": val_iou, "val": score.to_dict()}
