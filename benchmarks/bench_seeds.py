@@ -94,7 +94,7 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
         score = pipeline_score(ModuleBackend(model, contract), contract, test)
         by_epoch.append(
             {
-                "epoch": row["epoch"] + 1,
+                "epoch": row["epoch"],  # from 1, as log.csv
                 "val_iou": round(row["val_iou"], 4),
                 "val_ap50": round(row["val_ap50"], 4),
                 "val_objects": row["val_objects"],
@@ -217,9 +217,11 @@ def markdown(doc: dict) -> str:
         "",
         f"Each run 1 torch thread, {doc['parameters']['jobs']} runs side by side; batch {BATCH}, lr 5e-4 "
         "(poly), the step budgets below; test AP pooled over the set's test/ images, "
-        "whole images through the runtime's pipeline. Rules: `ap` = the run's best.pth (full-pipeline val "
-        "AP@0.5, crop IoU on ties), `iou` = upstream's (best mean crop IoU on val), `last` = the last epoch, "
-        "`oracle` = the epoch of the best test AP (no rule can beat it).",
+        "whole images through the runtime's pipeline. Rules: `ap` = the run's best.pth (the latest epoch "
+        "within one object of the best full-pipeline val AP@0.5), `iou` = upstream's (best mean crop IoU on "
+        "val), `last` = the last epoch, `oracle` = the epoch of the best test AP@0.5 (no rule can beat it). "
+        "`upstream` = EmbedSeg 0.2.5 trained and predicting as its 2D notebooks do (upstream_train.py), "
+        "its own best-IoU checkpoint; steps are `ceil(budget / iterations)` epochs on both sides.",
         "",
         "| set | variant | rule | steps | AP@0.5 by seed | mean | min | min/mean | AP@.5:.9 mean | min |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---:|",

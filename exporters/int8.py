@@ -363,7 +363,8 @@ def failure_hint(result: Search, contract: Contract | None = None) -> str:
         retrain = (
             f", or retrain at a coarser embedding spacing (this model has 1/{1 / contract.spacing[-1]:.0f} "
             "per pixel; at embedseg-train --spacing 0.0039, i.e. 1/255, the same data kept 2 instead of 4 "
-            "blocks fp32 in 2D and 0 instead of 12 in 3D: benchmarks/results/precision.md)"
+            "blocks fp32 in 2D and 0 instead of 12 in 3D: benchmarks/results/precision.md; but over 5 seeds "
+            "it lowered test AP@0.5 by 0.03-0.07 on real nuclei: benchmarks/results/train_seeds_spacing.md)"
         )
     return (
         f"most sensitive blocks (output error when quantized alone, in units of the limits): "

@@ -46,7 +46,7 @@ def _tiny(data, out, **kw) -> TrainConfig:
 
 def test_tiny_2d_run_writes_checkpoints_with_a_full_contract(data2d, tmp_path):
     result = train(_tiny(data2d, tmp_path / "run", crop_size=[32, 32]), progress=False)
-    assert result.epochs_done == 2 and [r["epoch"] for r in result.log] == [0, 1]
+    assert result.epochs_done == 2 and [r["epoch"] for r in result.log] == [1, 2]
     model, contract = load_model(result.best_checkpoint)
     assert not model.training and contract.ndim == 2 and contract.in_channels == 1
     assert contract.spacing == pytest.approx([1 / 1023, 1 / 1023])  # upstream's default grid
@@ -103,7 +103,7 @@ def test_resume_continues_exactly_and_seeds_reproduce(data2d, tmp_path):
     assert first.log[0]["train_loss"] == straight.log[0]["train_loss"]
     assert first.log[0]["val_loss"] == straight.log[0]["val_loss"]
     resumed = train(_tiny(data2d, tmp_path / "b", crop_size=[32, 32]), progress=False, resume=True)
-    assert [r["epoch"] for r in resumed.log] == [0, 1] and resumed.log[0] == first.log[0]
+    assert [r["epoch"] for r in resumed.log] == [1, 2] and resumed.log[0] == first.log[0]
     assert resumed.log[1]["train_loss"] == straight.log[1]["train_loss"]
     a, b = load_checkpoint(straight.last_checkpoint), load_checkpoint(resumed.last_checkpoint)
     for k, v in a["model_state_dict"].items():
@@ -324,7 +324,7 @@ def test_best_checkpoint_is_chosen_by_full_pipeline_ap_or_by_crop_iou(data2d, tm
     cfg = _tiny(data2d, tmp_path / select, epochs=3, crop_size=[32, 32], select=select)
     seen = []
     result = train(cfg, progress=False, on_epoch=lambda model, contract, row: seen.append(row["epoch"]))
-    assert seen == [0, 1, 2]  # the callback sees every epoch, after its checkpoints
+    assert seen == [1, 2, 3]  # the callback sees every epoch (from 1, as log.csv), after its checkpoints
     ious = [r["val_iou"] for r in result.log]
     assert [r["val_ap50"] for r in result.log] == [0.9, 0.8, 0.1]
     assert result.best_epoch == (1 if select == "ap" else ious.index(max(ious)))

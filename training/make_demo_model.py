@@ -236,7 +236,9 @@ def make_demo_model(
             print(f"{precision}: {json.dumps(summary)}", file=sys.stderr)
         chosen, reason = choose_precision(evaluation)
         target = atomic_write_bytes(out_dir / f"{MODEL_NAME}.onnx", files[chosen].read_bytes())
-        best_row = max(log, key=lambda r: r["val_iou"])
+        from .checkpoint import load_checkpoint
+
+        best_row = log[int(load_checkpoint(best)["epoch"])]  # the epoch best.pth holds
         note = {
             "model": target.name,
             "date": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -258,6 +260,7 @@ def make_demo_model(
                 "seconds": round(sum(r["time_s"] for r in log), 1),
                 "best_epoch": best_row["epoch"],
                 "best_iou": best_row["val_iou"],
+                "best_val_ap50": best_row.get("val_ap50"),
                 "log": [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()} for r in log],
             },
             "evaluation": evaluation,

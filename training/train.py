@@ -8,7 +8,9 @@ Follows upstream EmbedSeg's ``begin_training`` (method notes section 5) with the
   crops uniformly over all objects (upstream: ``size`` = number of crops), and validation uses fixed,
   un-augmented crops of the val objects, so the val IoU (upstream's per-object IoU(phi > 0.5)) is not noisy;
 * AMP (float16 + GradScaler) on CUDA; the loss always runs in float32;
-* ``best.pth`` (val IoU strictly greater than before, no optimiser) and ``last.pth`` (resumable: optimiser,
+* epochs are counted from 1 in what people read (log.csv, loss.png, the lines printed) and from 0 in
+  the checkpoints' ``epoch`` key and :class:`RunResult` (upstream's format, an index);
+* ``best.pth`` (see :mod:`.validate` for the rule; no optimiser) and ``last.pth`` (resumable: optimiser,
   schedule, grad scaler, RNG state, log) every epoch, ``log.csv`` and ``loss.png``; ``config.json`` holds
   every resolved setting and is accepted again as ``--config``.
 
@@ -607,7 +609,7 @@ def train(
             bar.close()
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
         score = pipeline_score(runtime, contract, setup.val_images)
-        row = {"epoch": epoch, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
+        row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
         row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}
         row["time_s"] = time.perf_counter() - t_epoch
         log.append(row)
