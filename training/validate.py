@@ -5,7 +5,7 @@ Upstream selects the checkpoint by the mean per-object IoU of ``phi > 0.5`` on v
 clusters: a model whose seediness fires on background (one seed with a huge bandwidth takes every
 foreground pixel) can have the best crop IoU and segment nothing. Pooled AP@0.5 of whole images is the
 number users meet. It moves in steps of one object (1 / objects), and the highest of a noisy curve is
-often an early epoch (measured, benchmarks/results/train_seeds_2d.md: best-AP selection lost 0.02-0.1 test
+often an early epoch (benchmarks/results/train_seeds_spacing.md: best-AP selection lost 0.02-0.1 test
 AP to the last epoch on val sets of 22-100 objects), while the poly schedule makes later epochs the
 converged ones: so an epoch is kept when its AP is within one object of the best so far (:func:`keeps`).
 A collapsed epoch is far below and is never kept.
