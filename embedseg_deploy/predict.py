@@ -635,7 +635,9 @@ def predict_files(
             if plan is not None and plan.mode == "whole image":
                 if reporter.start is not None:
                     reporter.start(job.input, plan, i, len(jobs))
-                in_flight.append((executor.submit(_file_task, (job, *args, level)), i))
+                # the worker runs the plan reported here: no budget, so whole image whatever its RSS
+                whole = (save_seeds, overwrite, channel_axis, block, block_halo, None, level)
+                in_flight.append((executor.submit(_file_task, (job, *whole)), i))
                 collect(wait_for=2 * executor.workers)
                 if stopped:
                     break

@@ -208,13 +208,15 @@ def test_files_on_the_cluster_equal_files_in_one_process(predictor, executor, vo
         write_tiff_atomic(folder / f"small{seed}.tif", image)
     os.link(volume[0], folder / "vol.tif")
     (folder / "broken.tif").write_bytes(b"not a tiff")
-    kwargs = {"block": None, "memory_budget": "1G"}
+    kwargs = {"block": None, "memory_budget": "8G"}  # whole images: the budget counts this process's RSS
     here = predict_files(predictor, [folder], tmp_path / "here", **kwargs)
     there = predict_files(predictor, [folder], tmp_path / "there", executor=executor, **kwargs)
     assert here["counts"] == there["counts"] == {"ok": 4, "skipped": 0, "failed": 1, "not run": 0}
     for name in ("small0", "small1", "small2", "vol"):
         a, b = (read_tiff(tmp_path / d / f"{name}.tif").data for d in ("here", "there"))
         assert np.array_equal(a, b), name
+    modes = [[f.get("mode", "") for f in run["files"]] for run in (here, there)]
+    assert modes[0] == modes[1] and sum(m.startswith("whole image") for m in modes[0]) == 4
     failed = [f for f in there["files"] if f["status"] == "failed"]
     assert "broken.tif" in failed[0]["error"]
 
