@@ -150,7 +150,15 @@ def with_picks(out: dict, n_val: int) -> dict:
     """``out`` with the epoch each rule picks and the test AP there (``RULE_ap50``, ``RULE_ap50_90``)."""
     picks = pick_epochs(out["by_epoch"], n_val)
     scores = {f"{r}_{k}": out["by_epoch"][e - 1][f"test_{k}"] for r, e in picks.items() for k in KEYS}
-    return out | {"picked_epoch": picks} | scores
+    return out | {"picked_epoch": picks, "relapses": relapses(out["by_epoch"])} | scores
+
+
+def relapses(by_epoch: list[dict]) -> list[int]:
+    """Epochs (from 1) of the run's second half whose test AP@0.5 is under half the run's best: the
+    collapses a checkpoint rule has to step around."""
+    best = max(e["test_ap50"] for e in by_epoch)
+    half = len(by_epoch) // 2
+    return [e["epoch"] for e in by_epoch[half:] if e["test_ap50"] < best / 2]
 
 
 def run_upstream(root: str, name: str, seed: int) -> dict:
@@ -240,12 +248,17 @@ def markdown(doc: dict) -> str:
             f"{a['min']:.3f} | {a['min_over_mean']:.2f} | {b['mean']:.3f} | {b['min']:.3f} |"
         )
     lines += ["", "Per run (epochs counted from 1; the 1-min load when it started):", ""]
-    lines += ["| set | variant | seed | epochs | picked (ap / iou / oracle) | s | load |", "|---" * 7 + "|"]
+    lines += [
+        "| set | variant | seed | epochs | picked (ap / iou / oracle) | 2nd-half epochs under half the best "
+        "test AP | s | load |",
+        "|---" * 8 + "|",
+    ]
     for r in doc["runs"]:
         e = {"ap": "-", "oracle": "-", **r["picked_epoch"]}
+        fell = " ".join(map(str, r["relapses"])) or "none" if "relapses" in r else "-"
         lines.append(
             f"| {r['set']} | {r['variant']} | {r['seed']} | {r['epochs']} | {e['ap']} / {e['iou']} / "
-            f"{e['oracle']} | {r['train_seconds']:.0f} | {r['load_at_start']:.1f} |"
+            f"{e['oracle']} | {fell} | {r['train_seconds']:.0f} | {r['load_at_start']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,6 @@ from embedseg_training.data import (
     discover_split,
     load_split,
     round_up_8,
-    training_crop,
     worker_init_fn,
 )
 
@@ -253,8 +252,8 @@ def test_properties_2d_by_hand(tmp_path):
     ext = np.array([[3, 9], [10, 7], [2, 5]], float)
     assert p.avg_extent == pytest.approx(ext.mean(0).tolist())
     assert p.std_extent == pytest.approx(ext.std(0).tolist())
-    rule = max(round_up_8(a + 5 * s) for a, s in zip(ext.mean(0), ext.std(0), strict=True))
-    assert rule < 64 and p.crop_size == [64, 64]  # small objects: y/x raised to the least crop
+    expected = max(round_up_8(a + 5 * s) for a, s in zip(ext.mean(0), ext.std(0), strict=True))
+    assert p.crop_size == [expected, expected]
     assert p.foreground_weight == 10.0
     assert (p.min_object_size, p.max_object_size) == (18, 88)
     assert p.mean_object_size == pytest.approx((40 + 88 + 18) / 3)
@@ -289,13 +288,6 @@ def test_pixel_size_disagreement_warns(tmp_path):
     assert p.pixel_size == [0.5, 0.5]
 
 
-def test_the_training_crop_raises_only_small_yx_crops():
-    assert training_crop([40, 40]) == [64, 64]
-    assert training_crop([72, 72]) == [72, 72]
-    assert training_crop([16, 32, 32]) == [16, 64, 64]  # z keeps upstream's rule
-    assert training_crop([16, 32, 32], least_yx=8) == [16, 32, 32]
-
-
 def test_crop_rule_reproduces_upstream_fixtures():
     for case, expected in (("2d", [40, 40]), ("3d", [16, 32, 32])):
         props = json.loads((FIXTURES / case / "data_properties.json").read_text())
@@ -312,8 +304,7 @@ def _dataset(root, **kwargs):
     samples = load_split(root, "train")
     props = compute_properties(samples)
     kwargs.setdefault("anisotropy", props.anisotropy)
-    rule = crop_size_rule(props.avg_extent, props.std_extent, props.crop_n_sigma)  # crops inside the images
-    return samples, CropDataset(samples, kwargs.pop("crop_size", rule), **kwargs)
+    return samples, CropDataset(samples, kwargs.pop("crop_size", props.crop_size), **kwargs)
 
 
 @pytest.mark.parametrize("which", ["data2d", "data3d"])

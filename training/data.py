@@ -300,27 +300,12 @@ class DataProperties:
         return asdict(self)
 
 
-# Least y/x crop: the network sees whole images at prediction time, and its bottleneck (1/8 resolution,
-# dilations 2-16) must see real context in training too. With upstream's rule alone, 40 x 40 crops of
-# small synthetic nuclei (a 5 x 5 bottleneck, mostly zero padding) trained models whose crops scored well
-# while whole images grew seeds on the background (one label per image) in some epochs of every seed;
-# 64 x 64 removed that (benchmarks/results/train_seeds_synthetic.md). Real sets' rules gave 64 and 72.
-MIN_CROP_YX = 64
-
-
 def crop_size_rule(
     avg_extent: Sequence[float], std_extent: Sequence[float], n_sigma: float = 5.0
 ) -> list[int]:
     """Upstream notebooks' crop: ``round_up_8(mean + n_sigma * std)`` per axis, y = x = the larger one."""
     crop = [round_up_8(a + n_sigma * s) for a, s in zip(avg_extent, std_extent, strict=True)]
     crop[-2:] = [max(crop[-2:])] * 2
-    return crop
-
-
-def training_crop(rule: Sequence[int], least_yx: int = MIN_CROP_YX) -> list[int]:
-    """The crop training uses: upstream's rule, y and x raised to at least ``least_yx`` (see MIN_CROP_YX)."""
-    crop = [int(c) for c in rule]
-    crop[-2:] = [max(c, least_yx) for c in crop[-2:]]
     return crop
 
 
@@ -359,7 +344,7 @@ def compute_properties(
         raise InputError(f"no objects in the masks of {len(samples)} image(s), e.g. {samples[0].mask_path}")
     ext = np.asarray(extents, dtype=np.float64)
     avg, std = ext.mean(axis=0), ext.std(axis=0)
-    crop = training_crop(crop_size_rule(avg, std, n_sigma))
+    crop = crop_size_rule(avg, std, n_sigma)
     if foreground_weight is None:
         foreground_weight = 10.0 if ndim == 2 else float(np.mean(fg_ratios))
     px = _common_pixel_size(samples, ndim, pixel_size)

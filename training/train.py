@@ -88,7 +88,7 @@ class TrainConfig:
     ndim: int | None = None
     epochs: int = 200
     batch_size: int | None = None  # 2D 16, 3D 4
-    crop_size: list[int] | None = None  # data properties' crop: upstream's rule, y/x at least 64
+    crop_size: list[int] | None = None  # data properties' crop (upstream's notebook rule)
     crop_n_sigma: float = 5.0
     iterations: int | None = None  # per epoch; default ceil(objects / batch): one pass over all objects
     val_crops: int | None = None  # default: one crop per val object
