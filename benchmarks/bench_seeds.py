@@ -93,7 +93,7 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
     by_epoch = []
 
     def score_test(model, contract, row) -> None:
-        score = pipeline_score(ModuleBackend(model, contract), contract, test)
+        score = pipeline_score(ModuleBackend(model, contract), test)
         by_epoch.append(
             {
                 "epoch": row["epoch"],  # from 1, as log.csv

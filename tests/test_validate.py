@@ -59,14 +59,14 @@ def test_a_live_model_scores_exactly_as_its_checkpoint_does_in_the_runtime(tmp_p
     model, contract = load_model(result.best_checkpoint)
     model.train()
     val = load_split(root, "val")
-    live = pipeline_score(ModuleBackend(model, contract), contract, val)
+    live = pipeline_score(ModuleBackend(model, contract), val)
     assert model.training  # the check puts back the mode it found
     runtime = Predictor(result.best_checkpoint, "torch")
     labels = [runtime.predict(s.image[0]) for s in val]
     assert live == score_labels([s.mask for s in val], labels)
     assert live.ap50 == pytest.approx(result.best_ap50)
     # thresholds the runtime accepts change the score the same way
-    strict = pipeline_score(ModuleBackend(model, contract), contract, val, {"seed_thresh": 0.999})
+    strict = pipeline_score(ModuleBackend(model, contract), val, {"seed_thresh": 0.999})
     assert strict.n_pred <= live.n_pred
 
 

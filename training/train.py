@@ -608,7 +608,7 @@ def train(
         finally:
             bar.close()
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
-        score = pipeline_score(runtime, contract, setup.val_images)
+        score = pipeline_score(runtime, setup.val_images)
         row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
         row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}
         row["time_s"] = time.perf_counter() - t_epoch

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from embedseg_deploy.contract import Contract
 from embedseg_deploy.metrics import matching_dataset
 
 from .data import Sample
@@ -85,7 +84,7 @@ def kept_epoch(aps: Sequence[float], n_objects: int) -> int:
 
 
 def pipeline_score(
-    backend, contract: Contract, samples: Sequence[Sample], thresholds: Mapping[str, float] | None = None
+    backend, samples: Sequence[Sample], thresholds: Mapping[str, float] | None = None
 ) -> PipelineScore:
     """Segment ``samples`` with ``backend`` (any runtime backend; in training a live model), score them."""
     from embedseg_deploy.predict import Predictor
