@@ -331,3 +331,24 @@ def test_best_checkpoint_is_chosen_by_full_pipeline_ap_or_by_crop_iou(data2d, tm
     assert load_checkpoint(result.best_checkpoint)["epoch"] == result.best_epoch
     with pytest.raises(TrainError, match="select must be ap or iou"):
         train(_tiny(data2d, tmp_path / "x", select="loss"), progress=False)
+
+
+def test_whole_image_bn_stats_are_what_the_checkpoints_keep(data2d, tmp_path):
+    from embedseg_training.bn_stats import whole_image_bn_stats
+    from embedseg_training.data import load_split
+
+    train(_tiny(data2d, tmp_path / "run", bn_stats="whole"), progress=False)
+    model, contract = load_model(tmp_path / "run" / "last.pth")
+    kept = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    whole_image_bn_stats(model, load_split(data2d, "train"), contract.normalization)
+    for key, value in kept.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    crops, _ = load_model(_run_default(data2d, tmp_path / "crops"))
+    assert not torch.allclose(crops.state_dict()[next(iter(kept))], next(iter(kept.values())))
+    with pytest.raises(TrainError, match="bn_stats must be crops or whole"):
+        train(_tiny(data2d, tmp_path / "bad", bn_stats="tiles"), progress=False)
+
+
+def _run_default(data, out):
+    train(_tiny(data, out), progress=False)
+    return out / "last.pth"

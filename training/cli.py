@@ -222,6 +222,12 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     help="Keep as best.pth the latest epoch whose val AP@0.5 (whole images segmented by the runtime) is "
     "within one object of the best so far (ap), or upstream's best mean IoU of val crops (iou) [ap].",
 )
+@click.option(
+    "--bn-stats",
+    type=click.Choice(["crops", "whole"]),
+    help="BatchNorm statistics the model keeps: the running averages of the training crops (upstream), or "
+    "re-estimated on whole train images after every epoch, as the runtime will see them [crops].",
+)
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or epoch lines.")

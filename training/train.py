@@ -45,6 +45,7 @@ from embedseg_deploy.contract import Contract, Normalization, Thresholds, defaul
 from embedseg_deploy.io import atomic_write_text, atomic_writer
 
 from . import __version__
+from .bn_stats import whole_image_bn_stats
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
 from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
 from .loss import spatial_embedding_loss
@@ -110,6 +111,7 @@ class TrainConfig:
     seed_thresh: float = 0.9
     fg_thresh: float = 0.5
     select: str = "ap"  # best.pth by full-pipeline val AP@0.5 ("ap") or by upstream's crop IoU ("iou")
+    bn_stats: str = "crops"  # BatchNorm running averages: of the training crops, or "whole" train images
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
     steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
     init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
@@ -280,6 +282,7 @@ class _Setup:
     train_ds: CropDataset
     val_ds: CropDataset
     val_images: list  # the val Samples segmented by the full pipeline each epoch
+    bn_images: list  # the train Samples whose whole-image BatchNorm statistics the model keeps (bn_stats)
     val_note: str | None  # why that check is coarse or partial
     device: torch.device
 
@@ -294,7 +297,9 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
         f"{cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} steps{budget}, lr "
         f"{cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds seed {t.seed_thresh} "
         f"fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
-        f"{torch.get_num_threads()}, seed {cfg.seed}, best by val {cfg.select.upper()} -> {cfg.out}"
+        f"{torch.get_num_threads()}, seed {cfg.seed}, BatchNorm statistics of "
+        f"{'whole train images' if cfg.bn_stats == 'whole' else 'crops'}, best by val {cfg.select.upper()} "
+        f"-> {cfg.out}"
     )
 
 
@@ -321,6 +326,8 @@ def _resolve(config: TrainConfig) -> _Setup:
         raise TrainError(f"steps must be >= 1, got {config.steps}")
     if config.select not in ("ap", "iou"):
         raise TrainError(f"select must be ap or iou, got {config.select!r}")
+    if config.bn_stats not in ("crops", "whole"):
+        raise TrainError(f"bn_stats must be crops or whole, got {config.bn_stats!r}")
     if config.qat is not None and config.qat not in ("cpu", "tensorrt"):
         raise TrainError(f"qat must be cpu or tensorrt, got {config.qat!r}")
     if config.qat and not config.init:
@@ -394,7 +401,8 @@ def _resolve(config: TrainConfig) -> _Setup:
         provenance={"source": "embedseg_training", "trainer": f"embedseg_training {__version__}"},
     )
     used = pick_images(val)
-    return _Setup(resolved, contract, train_ds, val_ds, used, small_val_note(val, used), device)
+    bn_images = pick_images(train) if config.bn_stats == "whole" else []
+    return _Setup(resolved, contract, train_ds, val_ds, used, bn_images, small_val_note(val, used), device)
 
 
 # ------------------------------------------------------------------------------------------------ epochs
@@ -607,6 +615,8 @@ def train(
             )
         finally:
             bar.close()
+        if setup.bn_images:
+            whole_image_bn_stats(model, setup.bn_images, contract.normalization, device, TILE_MULTIPLE)
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
         score = pipeline_score(runtime, setup.val_images)
         row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
