@@ -226,7 +226,8 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     "--bn-stats",
     type=click.Choice(["crops", "whole"]),
     help="BatchNorm statistics the model keeps: the running averages of the training crops (upstream), or "
-    "re-estimated on whole train images after every epoch, as the runtime will see them [crops].",
+    "re-estimated on whole train images after every epoch, as the runtime will see them (no relapsed "
+    "epochs on synthetic nuclei, but a lower plateau: benchmarks/results/train_seeds_synthetic.md) [crops].",
 )
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
