@@ -636,8 +636,7 @@ def predict_files(
                 if reporter.start is not None:
                     reporter.start(job.input, plan, i, len(jobs))
                 # the worker runs the plan reported here: no budget, so whole image whatever its RSS
-                whole = (save_seeds, overwrite, channel_axis, block, block_halo, None, level)
-                in_flight.append((executor.submit(_file_task, (job, *whole)), i))
+                in_flight.append((executor.submit(_file_task, (job, *args[:-1], None, level)), i))
                 collect(wait_for=2 * executor.workers)
                 if stopped:
                     break

@@ -343,12 +343,8 @@ def test_whole_image_bn_stats_are_what_the_checkpoints_keep(data2d, tmp_path):
     whole_image_bn_stats(model, load_split(data2d, "train"), contract.normalization)
     for key, value in kept.items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
-    crops, _ = load_model(_run_default(data2d, tmp_path / "crops"))
+    train(_tiny(data2d, tmp_path / "crops"), progress=False)
+    crops, _ = load_model(tmp_path / "crops" / "last.pth")
     assert not torch.allclose(crops.state_dict()[next(iter(kept))], next(iter(kept.values())))
     with pytest.raises(TrainError, match="bn_stats must be crops or whole"):
         train(_tiny(data2d, tmp_path / "bad", bn_stats="tiles"), progress=False)
-
-
-def _run_default(data, out):
-    train(_tiny(data, out), progress=False)
-    return out / "last.pth"

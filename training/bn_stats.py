@@ -16,23 +16,23 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from embedseg_deploy.contract import Normalization
+from embedseg_deploy.contract import TILE_MULTIPLE, Normalization
 from embedseg_deploy.normalize import normalize
+from embedseg_deploy.tiling import pad_reflect, pad_widths
 
 from .data import Sample
 
 MAX_EDGE = 512  # per axis: a larger image contributes its central window (memory stays bounded)
 
 
-def _window(image: np.ndarray, multiple: int, max_edge: int) -> np.ndarray:
-    """The central window of ``image`` (C, *spatial), at most ``max_edge`` per axis, reflect-padded to a
-    multiple of ``multiple`` as the runtime pads."""
+def _window(image: np.ndarray, multiple: int, placement: str, max_edge: int) -> np.ndarray:
+    """The central window of ``image`` (C, *spatial), at most ``max_edge`` per axis, padded to a multiple
+    of ``multiple`` as the runtime pads it."""
     spatial = image.shape[1:]
     cut = [min(n, max_edge) for n in spatial]
     starts = [(n - c) // 2 for n, c in zip(spatial, cut, strict=True)]
     image = image[(slice(None), *(slice(s, s + c) for s, c in zip(starts, cut, strict=True)))]
-    pad = [(0, 0)] + [(0, -c % multiple) for c in cut]
-    return np.pad(image, pad, mode="reflect" if min(cut) > 1 else "edge")
+    return pad_reflect(image, pad_widths(cut, multiple, placement))
 
 
 def whole_image_bn_stats(
@@ -40,11 +40,13 @@ def whole_image_bn_stats(
     samples: Sequence[Sample],
     norm: Normalization,
     device: torch.device | str = "cpu",
-    multiple: int = 8,
+    multiple: int = TILE_MULTIPLE,
+    placement: str = "center",
     max_edge: int = MAX_EDGE,
 ) -> None:
     """Replace the running mean and variance of every BatchNorm layer of ``model`` by their average over
-    ``samples``, each normalised as the runtime normalises it and passed whole (dropout off, no gradient).
+    ``samples``, each normalised and padded (``placement``) as the runtime does it and passed whole (dropout
+    off, no gradient).
     The model's train/eval mode is restored."""
     layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if not layers or not samples:
@@ -59,7 +61,7 @@ def whole_image_bn_stats(
     try:
         with torch.no_grad():
             for s in samples:
-                x = _window(normalize(s.image, norm, channel_axis=0), multiple, max_edge)
+                x = _window(normalize(s.image, norm, channel_axis=0), multiple, placement, max_edge)
                 model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None].to(device))
     finally:
         for m, momentum in zip(layers, momenta, strict=True):

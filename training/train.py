@@ -616,7 +616,14 @@ def train(
         finally:
             bar.close()
         if setup.bn_images:
-            whole_image_bn_stats(model, setup.bn_images, contract.normalization, device, TILE_MULTIPLE)
+            whole_image_bn_stats(
+                model,
+                setup.bn_images,
+                contract.normalization,
+                device,
+                contract.tile_multiple,
+                contract.padding,
+            )
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
         score = pipeline_score(runtime, setup.val_images)
         row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
