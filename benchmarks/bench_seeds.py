@@ -87,8 +87,9 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
     result = folder / "result.json"
     data = dataset(Path(root), name)
     n_val = sum(s.n_objects for s in load_split(data, "val"))
-    if result.is_file():
-        return with_picks(json.loads(result.read_text()), n_val)  # the rules as they are now
+    if result.is_file():  # the rules as they are now, where the run kept its per-epoch record
+        kept = json.loads(result.read_text())
+        return with_picks(kept, n_val) if "by_epoch" in kept else kept
     torch.set_num_threads(1)
     test = load_split(data, "test")
     by_epoch = []

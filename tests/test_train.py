@@ -333,18 +333,26 @@ def test_best_checkpoint_is_chosen_by_full_pipeline_ap_or_by_crop_iou(data2d, tm
         train(_tiny(data2d, tmp_path / "x", select="loss"), progress=False)
 
 
-def test_whole_image_bn_stats_are_what_the_checkpoints_keep(data2d, tmp_path):
-    from embedseg_training.bn_stats import whole_image_bn_stats
-    from embedseg_training.data import load_split
+def test_a_run_keeps_the_unfed_taps_at_zero_and_records_them(data2d, tmp_path):
+    from embedseg_training.dilation import unfed_convs
 
-    train(_tiny(data2d, tmp_path / "run", bn_stats="whole"), progress=False)
-    model, contract = load_model(tmp_path / "run" / "last.pth")
-    kept = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
-    whole_image_bn_stats(model, load_split(data2d, "train"), contract.normalization)
-    for key, value in kept.items():
-        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
-    train(_tiny(data2d, tmp_path / "crops"), progress=False)
-    crops, _ = load_model(tmp_path / "crops" / "last.pth")
-    assert not torch.allclose(crops.state_dict()[next(iter(kept))], next(iter(kept.values())))
-    with pytest.raises(TrainError, match="bn_stats must be crops or whole"):
-        train(_tiny(data2d, tmp_path / "bad", bn_stats="tiles"), progress=False)
+    def outer_taps(model, name, axis):
+        weight = dict(model.named_modules())[name].weight.detach()
+        return torch.cat([weight.narrow(2 + axis, 0, 1), weight.narrow(2 + axis, 2, 1)])
+
+    result = train(_tiny(data2d, tmp_path / "crop", crop_size=[64, 64]), progress=False)
+    model, contract = load_model(result.last_checkpoint)
+    record = contract.provenance["dilated_taps_off"]
+    assert record["crop_size"] == [64, 64]
+    expected = unfed_convs(model, [64, 64])
+    assert [n for n, _ in expected] == record["layers"] and len(expected) == 12  # dilation 2 stays
+    for name, axis in expected:
+        assert torch.count_nonzero(outer_taps(model, name, axis)) == 0
+    upstream = train(
+        _tiny(data2d, tmp_path / "all", crop_size=[64, 64], dilated_context="all"), progress=False
+    )
+    model, contract = load_model(upstream.last_checkpoint)
+    assert "dilated_taps_off" not in contract.provenance
+    assert all(torch.count_nonzero(outer_taps(model, n, a)) > 0 for n, a in expected)
+    with pytest.raises(TrainError, match="dilated_context must be crop or all"):
+        train(_tiny(data2d, tmp_path / "bad", dilated_context="none"), progress=False)

@@ -223,11 +223,12 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     "within one object of the best so far (ap), or upstream's best mean IoU of val crops (iou) [ap].",
 )
 @click.option(
-    "--bn-stats",
-    type=click.Choice(["crops", "whole"]),
-    help="BatchNorm statistics the model keeps: the running averages of the training crops (upstream), or "
-    "re-estimated on whole train images after every epoch, as the runtime will see them (no relapsed "
-    "epochs on synthetic nuclei, but a lower plateau: benchmarks/results/train_seeds_synthetic.md) [crops].",
+    "--dilated-context",
+    type=click.Choice(["crop", "all"]),
+    help="The encoder's dilated convolutions: keep only the dilations a training crop feeds with image "
+    "data (crop; e.g. none for 40 px crops, up to 2 for 64 px), so training sees the network inference "
+    "runs, or train them all as upstream does (all; on 40 px crops whole images relapsed to one label "
+    "in some epochs: benchmarks/results/train_seeds_synthetic.md) [crop].",
 )
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")

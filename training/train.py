@@ -45,9 +45,9 @@ from embedseg_deploy.contract import Contract, Normalization, Thresholds, defaul
 from embedseg_deploy.io import atomic_write_text, atomic_writer
 
 from . import __version__
-from .bn_stats import whole_image_bn_stats
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
 from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
+from .dilation import largest_fed_dilation, switch_off_unfed_taps
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
 from .validate import keeps, pick_images, pipeline_score, small_val_note
@@ -111,7 +111,7 @@ class TrainConfig:
     seed_thresh: float = 0.9
     fg_thresh: float = 0.5
     select: str = "ap"  # best.pth by full-pipeline val AP@0.5 ("ap") or by upstream's crop IoU ("iou")
-    bn_stats: str = "crops"  # BatchNorm running averages: of the training crops, or "whole" train images
+    dilated_context: str = "crop"  # "crop": dilated taps the crop cannot feed stay off (dilation.py); "all"
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
     steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
     init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
@@ -282,7 +282,6 @@ class _Setup:
     train_ds: CropDataset
     val_ds: CropDataset
     val_images: list  # the val Samples segmented by the full pipeline each epoch
-    bn_images: list  # the train Samples whose whole-image BatchNorm statistics the model keeps (bn_stats)
     val_note: str | None  # why that check is coarse or partial
     device: torch.device
 
@@ -297,10 +296,16 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
         f"{cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} steps{budget}, lr "
         f"{cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds seed {t.seed_thresh} "
         f"fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
-        f"{torch.get_num_threads()}, seed {cfg.seed}, BatchNorm statistics of "
-        f"{'whole train images' if cfg.bn_stats == 'whole' else 'crops'}, best by val {cfg.select.upper()} "
-        f"-> {cfg.out}"
+        f"{torch.get_num_threads()}, seed {cfg.seed}, {_dilation_note(cfg)}, best by val "
+        f"{cfg.select.upper()} -> {cfg.out}"
     )
+
+
+def _dilation_note(cfg: TrainConfig) -> str:
+    if cfg.dilated_context == "all":
+        return "all dilated taps trained"
+    fed = "x".join(str(max(d, 1)) for d in largest_fed_dilation(cfg.crop_size))
+    return f"dilated taps kept up to dilation {fed} (what the crop feeds)"
 
 
 def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> None:
@@ -326,8 +331,8 @@ def _resolve(config: TrainConfig) -> _Setup:
         raise TrainError(f"steps must be >= 1, got {config.steps}")
     if config.select not in ("ap", "iou"):
         raise TrainError(f"select must be ap or iou, got {config.select!r}")
-    if config.bn_stats not in ("crops", "whole"):
-        raise TrainError(f"bn_stats must be crops or whole, got {config.bn_stats!r}")
+    if config.dilated_context not in ("crop", "all"):
+        raise TrainError(f"dilated_context must be crop or all, got {config.dilated_context!r}")
     if config.qat is not None and config.qat not in ("cpu", "tensorrt"):
         raise TrainError(f"qat must be cpu or tensorrt, got {config.qat!r}")
     if config.qat and not config.init:
@@ -401,8 +406,7 @@ def _resolve(config: TrainConfig) -> _Setup:
         provenance={"source": "embedseg_training", "trainer": f"embedseg_training {__version__}"},
     )
     used = pick_images(val)
-    bn_images = pick_images(train) if config.bn_stats == "whole" else []
-    return _Setup(resolved, contract, train_ds, val_ds, used, bn_images, small_val_note(val, used), device)
+    return _Setup(resolved, contract, train_ds, val_ds, used, small_val_note(val, used), device)
 
 
 # ------------------------------------------------------------------------------------------------ epochs
@@ -590,6 +594,9 @@ def train(
         best_epoch = ck.get("best_epoch")
         if cfg.max_minutes is not None:  # a budgeted run goes on with its plan
             n_epochs = min(n_epochs, int((ck.get("scheduler") or {}).get("n_epochs", n_epochs)))
+    if cfg.dilated_context == "crop":
+        off = switch_off_unfed_taps(model, cfg.crop_size)
+        contract.provenance["dilated_taps_off"] = {"crop_size": list(cfg.crop_size), "layers": off}
 
     fg_weight = float(cfg.foreground_weight)
     train_loader = _loader(setup.train_ds, cfg.batch_size, True, cfg.workers, device)
@@ -615,15 +622,6 @@ def train(
             )
         finally:
             bar.close()
-        if setup.bn_images:
-            whole_image_bn_stats(
-                model,
-                setup.bn_images,
-                contract.normalization,
-                device,
-                contract.tile_multiple,
-                contract.padding,
-            )
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
         score = pipeline_score(runtime, setup.val_images)
         row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
