@@ -340,16 +340,17 @@ def test_a_run_keeps_the_unfed_taps_at_zero_and_records_them(data2d, tmp_path):
         weight = dict(model.named_modules())[name].weight.detach()
         return torch.cat([weight.narrow(2 + axis, 0, 1), weight.narrow(2 + axis, 2, 1)])
 
-    result = train(_tiny(data2d, tmp_path / "crop", crop_size=[64, 64]), progress=False)
+    result = train(_tiny(data2d, tmp_path / "crop", crop_size=[16, 16]), progress=False)  # 64 px images
     model, contract = load_model(result.last_checkpoint)
     record = contract.provenance["dilated_taps_off"]
-    assert record["crop_size"] == [64, 64]
-    expected = unfed_convs(model, [64, 64])
-    assert [n for n, _ in expected] == record["layers"] and len(expected) == 12  # dilation 2 stays
+    assert record["crop_size"] == [16, 16]
+    assert record["image_shape"] == contract.data_properties["max_image_shape"]
+    expected = unfed_convs(model, [16, 16], record["image_shape"])
+    assert [n for n, _ in expected] == record["layers"] and len(expected) == 16
     for name, axis in expected:
         assert torch.count_nonzero(outer_taps(model, name, axis)) == 0
     upstream = train(
-        _tiny(data2d, tmp_path / "all", crop_size=[64, 64], dilated_context="all"), progress=False
+        _tiny(data2d, tmp_path / "all", crop_size=[16, 16], dilated_context="all"), progress=False
     )
     model, contract = load_model(upstream.last_checkpoint)
     assert "dilated_taps_off" not in contract.provenance

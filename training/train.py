@@ -296,16 +296,17 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
         f"{cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} steps{budget}, lr "
         f"{cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds seed {t.seed_thresh} "
         f"fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
-        f"{torch.get_num_threads()}, seed {cfg.seed}, {_dilation_note(cfg)}, best by val "
+        f"{torch.get_num_threads()}, seed {cfg.seed}, {_dilation_note(cfg, contract)}, best by val "
         f"{cfg.select.upper()} -> {cfg.out}"
     )
 
 
-def _dilation_note(cfg: TrainConfig) -> str:
+def _dilation_note(cfg: TrainConfig, contract: Contract) -> str:
     if cfg.dilated_context == "all":
         return "all dilated taps trained"
-    fed = "x".join(str(max(d, 1)) for d in largest_fed_dilation(cfg.crop_size))
-    return f"dilated taps kept up to dilation {fed} (what the crop feeds)"
+    images = contract.data_properties["max_image_shape"]
+    fed = "x".join(str(max(d, 1)) for d in largest_fed_dilation(cfg.crop_size, images))
+    return f"dilated taps kept up to dilation {fed} (what the crop feeds as the images do)"
 
 
 def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> None:
@@ -595,8 +596,13 @@ def train(
         if cfg.max_minutes is not None:  # a budgeted run goes on with its plan
             n_epochs = min(n_epochs, int((ck.get("scheduler") or {}).get("n_epochs", n_epochs)))
     if cfg.dilated_context == "crop":
-        off = switch_off_unfed_taps(model, cfg.crop_size)
-        contract.provenance["dilated_taps_off"] = {"crop_size": list(cfg.crop_size), "layers": off}
+        images = contract.data_properties["max_image_shape"]
+        off = switch_off_unfed_taps(model, cfg.crop_size, images)
+        contract.provenance["dilated_taps_off"] = {
+            "crop_size": list(cfg.crop_size),
+            "image_shape": list(images),
+            "layers": off,
+        }
 
     fg_weight = float(cfg.foreground_weight)
     train_loader = _loader(setup.train_ds, cfg.batch_size, True, cfg.workers, device)
