@@ -355,5 +355,15 @@ def test_a_run_keeps_the_unfed_taps_at_zero_and_records_them(data2d, tmp_path):
     model, contract = load_model(upstream.last_checkpoint)
     assert "dilated_taps_off" not in contract.provenance
     assert all(torch.count_nonzero(outer_taps(model, n, a)) > 0 for n, a in expected)
+    for start, kept_off in (
+        (result, True),
+        (upstream, False),
+    ):  # fine-tuning keeps the network it starts from
+        tuned = train(
+            _tiny(data2d, tmp_path / f"from{kept_off}", init=str(start.last_checkpoint)), progress=False
+        )
+        model, contract = load_model(tuned.last_checkpoint)
+        assert ("dilated_taps_off" in contract.provenance) == kept_off
+        assert all((torch.count_nonzero(outer_taps(model, n, a)) == 0) == kept_off for n, a in expected)
     with pytest.raises(TrainError, match="dilated_context must be crop or all"):
         train(_tiny(data2d, tmp_path / "bad", dilated_context="none"), progress=False)

@@ -304,13 +304,16 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
 def _dilation_note(cfg: TrainConfig, contract: Contract) -> str:
     if cfg.dilated_context == "all":
         return "all dilated taps trained"
+    if cfg.init:
+        return "dilated taps as in the --init checkpoint"
     images = contract.data_properties["max_image_shape"]
     fed = "x".join(str(max(d, 1)) for d in largest_fed_dilation(cfg.crop_size, images))
     return f"dilated taps kept up to dilation {fed} (what the crop feeds as the images do)"
 
 
-def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> None:
-    """Start from the weights of the checkpoint ``path``, which must mean the same as this run's."""
+def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> Contract:
+    """Start from the weights of the checkpoint ``path``, which must mean the same as this run's; returns
+    its contract."""
     from .checkpoint import load_model
 
     try:
@@ -322,6 +325,7 @@ def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> None:
         if not np.allclose(a, b, rtol=1e-6):
             raise TrainError(f"{path}: its {key} {a} differs from this run's {b} (other data or settings)")
     model.load_state_dict(start.state_dict())
+    return theirs
 
 
 def _resolve(config: TrainConfig) -> _Setup:
@@ -576,8 +580,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model = BranchedERFNet(contract.ndim, contract.in_channels)
     model.init_output(contract.ndim)
-    if cfg.init:
-        _initialise(model, cfg.init, contract)
+    start_contract = _initialise(model, cfg.init, contract) if cfg.init else None
     if cfg.qat:
         from .qat import attach
 
@@ -595,14 +598,14 @@ def train(
         best_epoch = ck.get("best_epoch")
         if cfg.max_minutes is not None:  # a budgeted run goes on with its plan
             n_epochs = min(n_epochs, int((ck.get("scheduler") or {}).get("n_epochs", n_epochs)))
+    taps = None
     if cfg.dilated_context == "crop":
-        images = contract.data_properties["max_image_shape"]
-        off = switch_off_unfed_taps(model, cfg.crop_size, images)
-        contract.provenance["dilated_taps_off"] = {
-            "crop_size": list(cfg.crop_size),
-            "image_shape": list(images),
-            "layers": off,
-        }
+        taps = {"crop_size": list(cfg.crop_size), "image_shape": contract.data_properties["max_image_shape"]}
+        if start_contract is not None:  # fine-tuning keeps the network it starts from
+            taps = start_contract.provenance.get("dilated_taps_off")
+    if taps:
+        off = switch_off_unfed_taps(model, taps["crop_size"], taps["image_shape"])
+        contract.provenance["dilated_taps_off"] = {**taps, "layers": off}
 
     fg_weight = float(cfg.foreground_weight)
     train_loader = _loader(setup.train_ds, cfg.batch_size, True, cfg.workers, device)
