@@ -233,8 +233,9 @@ def markdown(doc: dict) -> str:
         "",
         f"Each run 1 torch thread, {doc['parameters']['jobs']} runs side by side; batch {BATCH}, lr 5e-4 "
         "(poly), the step budgets below; test AP pooled over the set's test/ images, "
-        "whole images through the runtime's pipeline. Rules: `ap` = the run's best.pth (the latest epoch "
-        "within one object of the best full-pipeline val AP@0.5), `iou` = upstream's (best mean crop IoU on "
+        "whole images through the runtime's pipeline. Rules: `ap` = best.pth as the trainer now keeps it "
+        "(the latest epoch within one standard error, at least one object, of the best full-pipeline val "
+        "AP@0.5; replayed from the per-epoch record), `iou` = upstream's (best mean crop IoU on "
         "val), `last` = the last epoch, `oracle` = the epoch of the best test AP@0.5 (no rule can beat it). "
         "`upstream` = EmbedSeg 0.2.5 trained and predicting as its 2D notebooks do (upstream_train.py), "
         "its own best-IoU checkpoint; steps are `ceil(budget / iterations)` epochs on both sides.",

@@ -220,15 +220,17 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     "--select",
     type=click.Choice(["ap", "iou"]),
     help="Keep as best.pth the latest epoch whose val AP@0.5 (whole images segmented by the runtime) is "
-    "within one object of the best so far (ap), or upstream's best mean IoU of val crops (iou) [ap].",
+    "within one standard error (at least one object) of the best so far (ap), or upstream's best mean IoU "
+    "of val crops (iou) [ap].",
 )
 @click.option(
     "--dilated-context",
     type=click.Choice(["crop", "all"]),
-    help="The encoder's dilated convolutions: keep only the dilations a training crop feeds with image "
-    "data (crop; e.g. none for 40 px crops, up to 2 for 64 px), so training sees the network inference "
-    "runs, or train them all as upstream does (all; on 40 px crops whole images relapsed to one label "
-    "in some epochs: benchmarks/results/train_seeds_synthetic.md) [crop].",
+    help="The encoder's dilated convolutions: keep only the dilations whose outer taps a training crop "
+    "feeds with image data as the images do (crop; on images much larger than the crop none for 40 px "
+    "crops, up to 2 for 64 px), so training sees the network inference runs, or train them all as "
+    "upstream does (all; on 40 px crops of 256 px images whole images relapsed to one label in some "
+    "epochs: benchmarks/results/train_seeds_synthetic.md). Fine-tuning (--init) keeps its start's [crop].",
 )
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")

@@ -637,7 +637,7 @@ def train(
         row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}
         row["time_s"] = time.perf_counter() - t_epoch
         log.append(row)
-        if cfg.select == "ap":  # within one object of the best AP so far: later epochs win near-ties
+        if cfg.select == "ap":  # within one standard error of the best AP so far: later epochs win ties
             improved = keeps(score.ap50, [r.get("val_ap50", 0.0) for r in log[:-1]], score.n_true)
         else:  # upstream's rule
             improved = val_iou > best_iou
