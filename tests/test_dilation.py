@@ -1,9 +1,11 @@
-"""Dilated taps that training crops cannot feed (embedseg_training.dilation) and the runs that use it."""
+"""Convolution taps that training crops do not feed as the images do (embedseg_training.dilation)."""
+
+import collections
 
 import pytest
 import torch
 
-from embedseg_training.dilation import largest_fed_dilation, switch_off_unfed_taps, unfed_convs
+from embedseg_training.dilation import axis_convs, fed_alike, switch_off_unfed_taps, unfed_convs
 from embedseg_training.model import BranchedERFNet
 
 
@@ -13,24 +15,32 @@ def _outer_taps(model: torch.nn.Module, name: str, axis: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("crop", "images", "fed"),
-    [([40, 40], [256, 256], [0, 0]), ([64, 64], [256, 256], [2, 2]), ([72, 72], [256, 256], [2, 2]),
-     ([128, 128], [2048, 2048], [4, 4]), ([512, 512], [8192, 8192], [16, 16]),
-     ([16, 32, 32], [32, 96, 96], [0, 0, 0]), ([32, 64, 128], [512, 512, 512], [0, 2, 4]),
-     ([64, 64], [96, 96], [4, 4]), ([40, 40], [40, 40], [16, 16]), ([40, 40], [20, 20], [16, 16])],
+    ("crop", "image", "reduction", "dilation", "alike"),
+    [(40, 256, 8, 2, False),  # 5 px map: 60 % of positions vs 94 %
+     (40, 256, 8, 1, True), (40, 256, 4, 1, True),
+     (64, 256, 8, 2, True), (64, 256, 8, 4, False),  # 8 px map: 75 % vs 94 %; 50 % vs 88 %
+     (64, 96, 8, 4, True), (64, 96, 8, 8, False),  # images little larger than the crop keep more
+     (16, 32, 8, 1, False),  # a 2-plane map: one tap reads padding at every plane
+     (40, 40, 8, 16, True), (40, 20, 8, 2, True)],  # crops as large as the images
 )  # fmt: skip
-def test_a_dilation_stays_where_crop_and_images_feed_its_taps_alike(crop, images, fed):
-    # large images: kept where crop // 8 >= 4 d; images little larger than the crop keep more
-    assert largest_fed_dilation(crop, images) == fed
+def test_taps_stay_where_crop_and_image_feed_them_alike(crop, image, reduction, dilation, alike):
+    assert fed_alike(crop, image, reduction, dilation) == alike
 
 
-def test_unfed_convs_are_the_dilated_ones_above_what_the_crop_feeds():
+def test_axis_convs_measure_each_map_size():
+    found = collections.Counter((r, d) for _, _, r, d in axis_convs(BranchedERFNet(2, 1), 2))
+    # decoders at 1/2 and 1/4, encoder blocks at 1/4 and 1/8 (dilated 2-16 in their second stage)
+    assert found == {(2, 1): 16, (4, 1): 36, (8, 1): 16, (8, 2): 4, (8, 4): 4, (8, 8): 4, (8, 16): 4}
+
+
+def test_unfed_convs_follow_each_axis():
     model = BranchedERFNet(3, 1)
-    off = unfed_convs(model, [16, 64, 64], [64, 512, 512])  # z feeds none, y and x dilation 2
-    dilations = {(name, axis): dict(model.named_modules())[name].dilation[axis] for name, axis in off}
-    assert {d for (_, axis), d in dilations.items() if axis == 0} == {2, 4, 8, 16}
-    assert {d for (_, axis), d in dilations.items() if axis > 0} == {4, 8, 16}
-    assert unfed_convs(model, [1024, 1024, 1024], [2048, 2048, 2048]) == []
+    axes = {(n, a): (r, d) for n, a, r, d in axis_convs(model, 3)}
+    off = unfed_convs(model, [16, 32, 32], [32, 96, 96])  # 2 x 4 x 4 at 1/8 vs 4 x 12 x 12
+    z = sorted({axes[k] for k in off if k[1] == 0})
+    yx = sorted({axes[k] for k in off if k[1] > 0})
+    assert z == [(8, 1), (8, 2)]  # z dilated 4-16 reads padding only, in the crop and in the images
+    assert yx == [(8, 2), (8, 4), (8, 8)]
     assert unfed_convs(model, [16, 64, 64], [16, 64, 64]) == []  # crops the size of the images
 
 
@@ -40,9 +50,8 @@ def test_switched_off_taps_stay_zero_through_adam_with_weight_decay():
     names = switch_off_unfed_taps(model, [40, 40], [256, 256])
     assert len(names) == 16  # 2 rounds x dilations 2, 4, 8, 16 x 2 axes
     axis = {n: a for n, a in unfed_convs(model, [40, 40], [256, 256])}
-    centre = {
-        n: dict(model.named_modules())[n].weight.detach().narrow(2 + axis[n], 1, 1).clone() for n in names
-    }
+    modules = dict(model.named_modules())
+    centre = {n: modules[n].weight.detach().narrow(2 + axis[n], 1, 1).clone() for n in names}
     opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-4)
     model.train()
     for _ in range(3):
@@ -51,5 +60,5 @@ def test_switched_off_taps_stay_zero_through_adam_with_weight_decay():
         opt.step()
     for n in names:
         assert torch.count_nonzero(_outer_taps(model, n, axis[n])) == 0
-        now = dict(model.named_modules())[n].weight.detach().narrow(2 + axis[n], 1, 1)
+        now = modules[n].weight.detach().narrow(2 + axis[n], 1, 1)
         assert not torch.equal(now, centre[n])  # the centre tap still learns

@@ -346,7 +346,7 @@ def test_a_run_keeps_the_unfed_taps_at_zero_and_records_them(data2d, tmp_path):
     assert record["crop_size"] == [16, 16]
     assert record["image_shape"] == contract.data_properties["max_image_shape"]
     expected = unfed_convs(model, [16, 16], record["image_shape"])
-    assert [n for n, _ in expected] == record["layers"] and len(expected) == 16
+    assert [n for n, _ in expected] == record["layers"] and len(expected) == 24  # 1/8: d 1, 2, 4
     for name, axis in expected:
         assert torch.count_nonzero(outer_taps(model, name, axis)) == 0
     upstream = train(

@@ -226,11 +226,12 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
 @click.option(
     "--dilated-context",
     type=click.Choice(["crop", "all"]),
-    help="The encoder's dilated convolutions: keep only the dilations whose outer taps a training crop "
-    "feeds with image data as the images do (crop; on images much larger than the crop none for 40 px "
-    "crops, up to 2 for 64 px), so training sees the network inference runs, or train them all as "
-    "upstream does (all; on 40 px crops of 256 px images whole images relapsed to one label in some "
-    "epochs: benchmarks/results/train_seeds_synthetic.md). Fine-tuning (--init) keeps its start's [crop].",
+    help="crop: switch off the outer taps of the 3-tap convolutions that training crops do not feed with "
+    "image data as the images do (on images much larger than the crop: dilated 2-16 for 40 px crops, 4-16 "
+    "for 64 px; and z of the 1/8 blocks for 16-plane 3D crops), so training sees the network inference "
+    "runs; all: train every tap, as upstream does (on 40 px crops of 256 px images whole images relapsed "
+    "to one label in some epochs: benchmarks/results/train_seeds_synthetic.md). Fine-tuning (--init) "
+    "keeps its start's [crop].",
 )
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")

@@ -47,7 +47,7 @@ from embedseg_deploy.io import atomic_write_text, atomic_writer
 from . import __version__
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
 from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
-from .dilation import largest_fed_dilation, switch_off_unfed_taps
+from .dilation import axis_convs, switch_off_unfed_taps, unfed_convs
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
 from .validate import keeps, pick_images, pipeline_score, small_val_note
@@ -111,7 +111,7 @@ class TrainConfig:
     seed_thresh: float = 0.9
     fg_thresh: float = 0.5
     select: str = "ap"  # best.pth by full-pipeline val AP@0.5 ("ap") or by upstream's crop IoU ("iou")
-    dilated_context: str = "crop"  # "crop": dilated taps the crop cannot feed stay off (dilation.py); "all"
+    dilated_context: str = "crop"  # "crop": taps crops do not feed as the images do stay off (dilation.py)
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
     steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
     init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
@@ -306,9 +306,9 @@ def _dilation_note(cfg: TrainConfig, contract: Contract) -> str:
         return "all dilated taps trained"
     if cfg.init:
         return "dilated taps as in the --init checkpoint"
-    images = contract.data_properties["max_image_shape"]
-    fed = "x".join(str(max(d, 1)) for d in largest_fed_dilation(cfg.crop_size, images))
-    return f"dilated taps kept up to dilation {fed} (what the crop feeds as the images do)"
+    model = BranchedERFNet(contract.ndim, contract.in_channels)
+    off = unfed_convs(model, cfg.crop_size, contract.data_properties["max_image_shape"])
+    return f"outer taps off in {len(off)} of {len(axis_convs(model, contract.ndim))} axis convolutions"
 
 
 def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> Contract:
