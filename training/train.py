@@ -581,12 +581,20 @@ def train(
     model = BranchedERFNet(contract.ndim, contract.in_channels)
     model.init_output(contract.ndim)
     start_contract = _initialise(model, cfg.init, contract) if cfg.init else None
+    model.to(device)
+    taps = None  # before the QAT hooks: the probe input must not set their ranges
+    if cfg.dilated_context == "crop":
+        taps = {"crop_size": list(cfg.crop_size), "image_shape": contract.data_properties["max_image_shape"]}
+        if start_contract is not None:  # fine-tuning keeps the network it starts from
+            taps = start_contract.provenance.get("dilated_taps_off")
+    if taps:
+        off = switch_off_unfed_taps(model, taps["crop_size"], taps["image_shape"])
+        contract.provenance["dilated_taps_off"] = {**taps, "layers": off}
     if cfg.qat:
         from .qat import attach
 
         attach(model, symmetric=cfg.qat == "tensorrt")
         contract.provenance["qat"] = {"from": cfg.init, "target": cfg.qat, "simulated": "convolution inputs"}
-    model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start, best_iou, best_ap50, best_epoch, log = 0, -math.inf, -math.inf, None, []
@@ -598,14 +606,6 @@ def train(
         best_epoch = ck.get("best_epoch")
         if cfg.max_minutes is not None:  # a budgeted run goes on with its plan
             n_epochs = min(n_epochs, int((ck.get("scheduler") or {}).get("n_epochs", n_epochs)))
-    taps = None
-    if cfg.dilated_context == "crop":
-        taps = {"crop_size": list(cfg.crop_size), "image_shape": contract.data_properties["max_image_shape"]}
-        if start_contract is not None:  # fine-tuning keeps the network it starts from
-            taps = start_contract.provenance.get("dilated_taps_off")
-    if taps:
-        off = switch_off_unfed_taps(model, taps["crop_size"], taps["image_shape"])
-        contract.provenance["dilated_taps_off"] = {**taps, "layers": off}
 
     fg_weight = float(cfg.foreground_weight)
     train_loader = _loader(setup.train_ds, cfg.batch_size, True, cfg.workers, device)
