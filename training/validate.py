@@ -11,7 +11,7 @@ last epoch on val sets of 22-100 objects), while the poly schedule makes later e
 So an epoch is kept when its AP is within one standard error (at least one object) of the best so far
 (:func:`keeps`, the one-standard-error rule): the latest such epoch wins. A collapsed epoch is far below and
 is never kept. On the seed benchmark's DSB set (22 val objects, 5 seeds) this raised the kept epochs'
-mean test AP@0.5 from 0.683 (one object's tolerance) to 0.744 (the last epochs: 0.795); on nuclei-2d,
+mean test AP@0.5 from 0.693 (one object's tolerance) to 0.744 (the last epochs: 0.795); on nuclei-2d,
 HeLa and nuclei-3d it moved the mean by at most +0.002 (benchmarks/results/train_seeds*.md).
 """
 
