@@ -228,10 +228,10 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     type=click.Choice(["crop", "all"]),
     help="crop: switch off the outer taps of the 3-tap convolutions that training crops do not feed with "
     "image data as the images do (on images much larger than the crop: dilated 2-16 for 40 px crops, 4-16 "
-    "for 64 px; and z of the 1/8 blocks for 16-plane 3D crops), so training sees the network inference "
-    "runs; all: train every tap, as upstream does (on 40 px crops of 256 px images whole images relapsed "
-    "to one label in some epochs: benchmarks/results/train_seeds_synthetic.md). Fine-tuning (--init) "
-    "keeps its start's [crop].",
+    "for 64 px; in 3D also the z taps of the 1/4 and 1/8 blocks for 16-plane crops), so training sees the "
+    "network inference runs; all: train every tap, as upstream does (on 40 px crops of 256 px images "
+    "whole images relapsed to one label in some epochs: benchmarks/results/train_seeds_synthetic.md). "
+    "Fine-tuning (--init) keeps its start's [crop].",
 )
 @click.option("--resume", is_flag=True, help="Continue RUN_DIR/last.pth (optimiser, schedule and log).")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
