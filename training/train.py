@@ -47,7 +47,7 @@ from embedseg_deploy.io import atomic_write_text, atomic_writer
 from . import __version__
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
 from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
-from .dilation import axis_convs, switch_off_unfed_taps, unfed_convs
+from .dilation import switch_off_unfed_taps
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
 from .validate import keeps, pick_images, pipeline_score, small_val_note
@@ -287,7 +287,7 @@ class _Setup:
 
 
 def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) -> str:
-    """The resolved settings that decide a run, printed at its start."""
+    """The resolved settings that decide a run, printed at its start (once the model is built)."""
     t = contract.thresholds
     steps = cfg.epochs * int(cfg.iterations)
     budget = f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else ""
@@ -296,19 +296,14 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
         f"{cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} steps{budget}, lr "
         f"{cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds seed {t.seed_thresh} "
         f"fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
-        f"{torch.get_num_threads()}, seed {cfg.seed}, {_dilation_note(cfg, contract)}, best by val "
+        f"{torch.get_num_threads()}, seed {cfg.seed}, {_taps_note(contract)}, best by val "
         f"{cfg.select.upper()} -> {cfg.out}"
     )
 
 
-def _dilation_note(cfg: TrainConfig, contract: Contract) -> str:
-    if cfg.dilated_context == "all":
-        return "all dilated taps trained"
-    if cfg.init:
-        return "dilated taps as in the --init checkpoint"
-    model = BranchedERFNet(contract.ndim, contract.in_channels)
-    off = unfed_convs(model, cfg.crop_size, contract.data_properties["max_image_shape"])
-    return f"outer taps off in {len(off)} of {len(axis_convs(model, contract.ndim))} axis convolutions"
+def _taps_note(contract: Contract) -> str:
+    off = contract.provenance.get("dilated_taps_off")
+    return f"outer taps off in {len(off['layers'])} axis convolutions" if off else "every tap trained"
 
 
 def _initialise(model: torch.nn.Module, path: str, contract: Contract) -> Contract:
@@ -567,10 +562,6 @@ def train(
             f"{run_dir} already holds a run ({', '.join(held)}): --resume continues it, --force starts over "
             "in it, or give another --out"
         )
-    if progress:
-        click.echo(settings_line(cfg, contract, device), err=True)
-    if setup.val_note:
-        warnings.warn(setup.val_note, stacklevel=2)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG, cfg.to_json() + "\n")
     use_amp = bool(cfg.amp and device.type == "cuda")
@@ -590,6 +581,10 @@ def train(
     if taps:
         off = switch_off_unfed_taps(model, taps["crop_size"], taps["image_shape"])
         contract.provenance["dilated_taps_off"] = {**taps, "layers": off}
+    if progress:  # after the taps: the line says which are off
+        click.echo(settings_line(cfg, contract, device), err=True)
+    if setup.val_note:
+        warnings.warn(setup.val_note, stacklevel=2)
     if cfg.qat:
         from .qat import attach
 
