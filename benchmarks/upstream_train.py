@@ -87,18 +87,20 @@ random.seed(seed)
 np.random.seed(seed)
 torch.manual_seed(seed)
 
+from EmbedSeg.datasets.ThreeDimensionalDataset import ThreeDimensionalDataset
 from EmbedSeg.datasets.TwoDimensionalDataset import TwoDimensionalDataset
 from EmbedSeg.test import begin_evaluating
 from EmbedSeg.train import begin_training
 from EmbedSeg.utils.create_dicts import (
     create_configs, create_dataset_dict, create_loss_dict, create_model_dict, create_test_configs_dict)
-from EmbedSeg.utils.generate_crops import process
+from EmbedSeg.utils.generate_crops import process, process_3d
 from EmbedSeg.utils.preprocess_data import get_data_properties, round_up_8
 
 # numpy 2: np.array(pic, copy=False, dtype=np.uint16) raises unless pic is uint16 already
-_decode = TwoDimensionalDataset.decode_instance.__func__
-TwoDimensionalDataset.decode_instance = classmethod(
-    lambda cls, pic, one_hot, bg_id=None: _decode(cls, np.asarray(pic, dtype=np.uint16), one_hot, bg_id))
+for _cls in (TwoDimensionalDataset, ThreeDimensionalDataset):
+    _cls.decode_instance = classmethod(
+        lambda cls, pic, one_hot, bg_id=None, _decode=_cls.decode_instance.__func__:
+        _decode(cls, np.asarray(pic, dtype=np.uint16), one_hot, bg_id))
 
 data, work = cfg["data"], cfg["work"]
 name, parent = os.path.basename(data), os.path.dirname(data)
@@ -106,17 +108,26 @@ center, norm, batch = "medoid", "min-max-percentile", cfg["batch"]
 times = {}
 
 # 01-data
-t0 = time.perf_counter()
-props = get_data_properties(parent, name, train_val_name=["train", "val"], test_name=["test"], mode="2d",
-                            one_hot=False, process_k=None)
-first = sorted(glob.glob(os.path.join(data, "train", "images", "*.tif")))[0]
 import tifffile
-props["data_type"] = "16-bit" if tifffile.imread(first).dtype == np.uint16 else "8-bit"
+first = sorted(glob.glob(os.path.join(data, "train", "images", "*.tif")))[0]
+first = tifffile.imread(first)
+three_d = first.ndim == 3
+mode = "3d" if three_d else "2d"
+aniso = cfg["anisotropy"] if three_d else None
+t0 = time.perf_counter()
+extra = {"anisotropy_factor": aniso} if three_d else {}
+props = get_data_properties(parent, name, train_val_name=["train", "val"], test_name=["test"], mode=mode,
+                            one_hot=False, process_k=None, **extra)
+props["data_type"] = "16-bit" if first.dtype == np.uint16 else "8-bit"
 n_sigma = 5
 crop_size = int(np.maximum(
     round_up_8(props["avg_object_size_y"] + n_sigma * props["stdev_object_size_y"]),
     round_up_8(props["avg_object_size_x"] + n_sigma * props["stdev_object_size_x"])))
+crop_z = None
+if three_d:  # z separately, y and x square (the 3D notebooks)
+    crop_z = int(round_up_8(props["avg_object_size_z"] + n_sigma * props["stdev_object_size_z"]))
 n_y, n_x = int(props["n_y"]), int(props["n_x"])
+n_z = int(props["n_z"]) if three_d else None
 if crop_size > min(n_y, n_x):
     sys.exit(f"crop size {crop_size} exceeds upstream's grid {n_y}x{n_x} (the largest test image)")
 crops_dir = os.path.join(work, "crops")
@@ -124,8 +135,13 @@ for subset in ("train", "val"):
     images = sorted(glob.glob(os.path.join(data, subset, "images", "*.tif")))
     masks = sorted(glob.glob(os.path.join(data, subset, "masks", "*.tif")))
     for im, inst in zip(images, masks, strict=True):
-        process(im, inst, os.path.join(crops_dir, name), subset, crop_size, center, one_hot=False, norm=norm,
-                data_type=props["data_type"])
+        if three_d:
+            process_3d(im, inst, os.path.join(crops_dir, name), subset, crop_size, crop_size, crop_z, center,
+                       norm=norm, one_hot=False, anisotropy_factor=aniso, speed_up=cfg["speed_up"],
+                       data_type=props["data_type"])
+        else:
+            process(im, inst, os.path.join(crops_dir, name), subset, crop_size, center, one_hot=False,
+                    norm=norm, data_type=props["data_type"])
 times["crops"] = time.perf_counter() - t0
 
 # 02-train
@@ -140,14 +156,20 @@ train_size = batch * iterations
 epochs = math.ceil(steps / iterations)
 train_dataset_dict = create_dataset_dict(data_dir=crops_dir, project_name=name, center=center,
                                          size=train_size, batch_size=batch, one_hot=False, type="train",
-                                         workers=0)
+                                         name=mode, workers=0)
 val_dataset_dict = create_dataset_dict(data_dir=crops_dir, project_name=name, center=center, size=val_crops,
-                                       batch_size=16, one_hot=False, type="val", workers=0)
-model_dict = create_model_dict(input_channels=1)
-loss_dict = create_loss_dict()
+                                       batch_size=16, one_hot=False, type="val", name=mode, workers=0)
+if three_d:  # the 3D notebooks: 7 output channels, 3 sigmas, the data's background/foreground ratio
+    model_dict = create_model_dict(input_channels=1, num_classes=[6, 1], name="3d")
+    loss_dict = create_loss_dict(n_sigma=3, foreground_weight=props["foreground_weight"])
+    grid = dict(n_z=n_z, n_y=n_y, n_x=n_x, anisotropy_factor=aniso, l_y=1, l_x=1)
+else:
+    model_dict = create_model_dict(input_channels=1)
+    loss_dict = create_loss_dict()
+    grid = dict(n_y=n_y, n_x=n_x)
 save_dir = os.path.join(work, "experiment")
-configs = create_configs(n_epochs=epochs, one_hot=False, resume_path=None, save_dir=save_dir, n_y=n_y,
-                         n_x=n_x, train_lr=cfg["lr"], device="cpu")
+configs = create_configs(n_epochs=epochs, one_hot=False, resume_path=None, save_dir=save_dir,
+                         train_lr=cfg["lr"], device="cpu", **grid)
 t0 = time.perf_counter()
 begin_training(train_dataset_dict, val_dataset_dict, model_dict, loss_dict, configs, color_map="magma")
 times["train"] = time.perf_counter() - t0
@@ -163,8 +185,8 @@ predict = dict(tta=False, ap_val=0.5, seed_thresh=0.90, fg_thresh=0.5,
                min_object_size=int(props["min_object_size"]), cluster_fast=True, expand_grid=True)
 test_configs = create_test_configs_dict(data_dir=data, checkpoint_path=checkpoint, norm=norm,
                                         data_type=props["data_type"], save_dir=os.path.join(work, "predict"),
-                                        save_images=True, save_results=True, device="cpu", n_y=n_y, n_x=n_x,
-                                        num_workers=0, one_hot=False, **predict)
+                                        save_images=True, save_results=True, device="cpu", num_workers=0,
+                                        one_hot=False, name=mode, **grid, **predict)
 t0 = time.perf_counter()
 scores = begin_evaluating(test_configs, verbose=False)
 times["predict"] = time.perf_counter() - t0
@@ -176,10 +198,15 @@ for path in sorted(glob.glob(os.path.join(work, "predict", "predictions", "*.tif
 result = {
     "torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads(),
     "data_properties": {k: (v.item() if hasattr(v, "item") else v) for k, v in props.items()},
-    "crop_size": crop_size, "crop_n_sigma": n_sigma, "center": center, "norm": norm,
+    "mode": mode, "crop_size": [crop_z, crop_size, crop_size] if three_d else crop_size,
+    "crop_n_sigma": n_sigma, "center": center, "norm": norm,
+    "anisotropy": aniso, "speed_up": cfg["speed_up"] if three_d else None,
+    "foreground_weight": float(loss_dict["lossOpts"]["foreground_weight"]),
     "train_crops": train_crops, "val_crops": val_crops, "train_size": train_size, "val_size": val_crops,
     "val_batch_size": 16, "iterations": iterations, "epochs": epochs, "steps": epochs * iterations,
-    "grid": [n_y, n_x], "pixel": [1.0, 1.0], "spacing": [1 / (n_y - 1), 1 / (n_x - 1)],
+    "grid": [n_z, n_y, n_x] if three_d else [n_y, n_x],
+    "pixel": [configs["pixel_z"], 1.0, 1.0] if three_d else [1.0, 1.0],
+    "spacing": ([configs["pixel_z"] / (n_z - 1)] if three_d else []) + [1 / (n_y - 1), 1 / (n_x - 1)],
     "best_epoch": best_epoch, "checkpoint": os.path.basename(checkpoint),
     "val_iou_by_epoch": [float(v) for v in log["iou"]],
     "train_loss_by_epoch": [float(v) for v in log["train"]],
@@ -211,12 +238,30 @@ def setup(venv: Path) -> None:
         bench_cluster.setup_upstream(venv)
 
 
+def anisotropy_of(data: Path) -> float:
+    """z voxel size over x voxel size of the first train image's TIFF metadata (1 where it has none):
+    the number a user types into upstream's 3D notebooks."""
+    from embedseg_deploy.io import read_tiff
+
+    first = sorted((data / "train" / "images").glob("*.tif"))[0]
+    size = read_tiff(first).pixel_size
+    return float(size[0] / size[-1]) if size and len(size) == 3 else 1.0
+
+
 def train_and_predict(
-    data: Path, out: Path, steps: int, seed: int, venv: Path = UPSTREAM_VENV, work: Path | None = None
+    data: Path,
+    out: Path,
+    steps: int,
+    seed: int,
+    venv: Path = UPSTREAM_VENV,
+    work: Path | None = None,
+    anisotropy: float | None = None,
+    speed_up: int = 1,
 ) -> dict[str, Any]:
     """Train upstream on ``data`` for ``steps`` optimizer steps with ``seed``, predict ``data/test`` and
     write the labels and ``upstream_train.json`` into ``out``; returns the JSON (the stored one when
-    ``out`` is finished already). ``work`` keeps crops and checkpoints (default: a temporary folder)."""
+    ``out`` is finished already). ``work`` keeps crops and checkpoints (default: a temporary folder).
+    3D only: ``anisotropy`` (default: from the TIFF metadata) and the medoid's ``speed_up``."""
     data, out = Path(data).resolve(), Path(out).resolve()
     done = finished(out, data, steps, seed)
     if done is not None:
@@ -242,6 +287,8 @@ def train_and_predict(
             "seed": seed,
             "batch": BATCH,
             "lr": LR,
+            "anisotropy": anisotropy_of(data) if anisotropy is None else anisotropy,
+            "speed_up": speed_up,
             "result": str(folder / "runner.json"),
         }
         (folder / "runner_config.json").write_text(json.dumps(cfg))
@@ -306,10 +353,14 @@ def main() -> None:
     parser.add_argument("--setup", action="store_true", help="create the upstream venv first if missing")
     parser.add_argument("--venv", type=Path, default=UPSTREAM_VENV)
     parser.add_argument("--work", type=Path, help="keep crops and checkpoints here (default: temporary)")
+    parser.add_argument("--anisotropy", type=float, help="3D: z/x voxel size (default: TIFF metadata)")
+    parser.add_argument("--speed-up", type=int, default=1, help="3D: medoid subsampling in y and x")
     args = parser.parse_args()
     if args.setup:
         setup(args.venv)
-    doc = train_and_predict(args.data, args.out, args.steps, args.seed, args.venv, args.work)
+    doc = train_and_predict(
+        args.data, args.out, args.steps, args.seed, args.venv, args.work, args.anisotropy, args.speed_up
+    )
     keys = ("crop_size", "grid", "train_crops", "train_size", "iterations", "epochs", "steps", "best_epoch")
     print(json.dumps({k: doc[k] for k in keys} | {"seconds": doc["seconds"]}))
     ap = doc["upstream_ap_dsb_05"]
