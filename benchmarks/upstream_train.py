@@ -11,7 +11,8 @@ under scratch/upstream/ that is removed afterwards).
     python benchmarks/upstream_train.py DATA --out OUTDIR --steps N --seed S [--setup]
         [--venv /work/upstream-venv] [--work DIR]
 
-``DATA/{train,val,test}/{images,masks}/*.tif``: 2D single-channel images, instance masks (0 = background).
+``DATA/{train,val,test}/{images,masks}/*.tif``: 2D or 3D single-channel images, instance masks
+(0 = background).
 ``OUTDIR`` receives upstream's predicted labels of ``DATA/test/images`` (same file names, uint16),
 ``upstream_train.json`` (what ran, below) and ``upstream_train.log`` (upstream's output). A finished
 ``OUTDIR`` is kept as it is (the stored JSON is returned), so a benchmark can resume.
@@ -44,16 +45,28 @@ Done as upstream's 2D example notebooks (``examples/2d/dsb-2018`` and ``bbbc010-
   and ``begin_evaluating`` on upstream's ``best_iou_model.pth`` (best mean val crop IoU); upstream's
   ``save_dir/predictions/*.tif`` are the labels copied to OUTDIR.
 
+3D volumes go the way of upstream's 3D notebooks (``examples/3d``, e.g. Mouse-Organoid-Cells-CBG):
+``get_data_properties(mode='3d', anisotropy_factor=A)`` with ``A`` = z over x voxel size from the TIFF
+metadata (``--anisotropy`` overrides); the crop's y and x as in 2D and its z ``round_up_8(avg_z + 5
+std_z)`` separately; ``process_3d`` with ``speed_up`` 1 (the exact medoid; the notebooks subsample large
+cells by 2-3 to bound its O(n^2) cost, which small nuclei do not need; ``--speed-up``);
+``create_model_dict(num_classes=[6, 1], name='3d')``, ``create_loss_dict(n_sigma=3,
+foreground_weight=<the data's background/foreground voxel ratio>)``, ``create_configs`` and
+``create_test_configs_dict`` with ``name='3d'``, ``n_z`` of the data properties and ``anisotropy_factor``
+(upstream's z grid: ``pixel_z = (n_z - 1) / (n_x - 1) * A``). Batch 8 as in 2D (the 3D notebooks use
+1-4 on a GPU), val batch 16.
+
 Seeding: upstream has no seed option; the runner seeds ``random``, ``numpy`` and ``torch`` with the seed
 before the crops and the training. Data loading runs in the training process (``workers=0``, upstream's
 default is 8 loader processes), which keeps a run on one core; the samples and augmentations are drawn
 the same way.
 
 Fixes to upstream (at run time, in ``RUNNER``; nothing in the venv is edited beyond what
-``setup_upstream`` does): ``TwoDimensionalDataset.decode_instance`` calls ``np.array(pic, copy=False,
-dtype=np.uint16)``, which numpy 2 refuses for masks that are not uint16 already, so masks are handed to
-it as uint16. With ``device='cpu'`` and TTA off, upstream's 2D training and prediction path needs nothing
-else (its ``.cuda()`` calls are in TTA only; the checkpoint loads under torch's ``weights_only`` default).
+``setup_upstream`` does): ``decode_instance`` of both datasets (2D, 3D) calls ``np.array(pic,
+copy=False, dtype=np.uint16)``, which numpy 2 refuses for masks that are not uint16 already, so masks are
+handed to it as uint16. With ``device='cpu'`` and TTA off, upstream's 2D and 3D training and prediction
+paths need nothing else (its ``.cuda()`` calls are in TTA only; the checkpoint loads under torch's
+``weights_only`` default).
 """
 
 from __future__ import annotations
