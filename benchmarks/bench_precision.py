@@ -13,7 +13,7 @@ run it). Then, in one process:
   per-round ratios to fp32.
 
     python benchmarks/int8_datasets.py            # once: writes and trains the sets (~40 min)
-    python benchmarks/bench_precision.py [--rounds N] [--root DIR]
+    python benchmarks/bench_precision.py [--rounds N] [--root DIR] [--name STEM] [SET ...]
 """
 
 from __future__ import annotations
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="precision", help="result file stem")
     parser.add_argument("names", nargs="*", default=list(SETS))
     args = parser.parse_args()
     doc = header("precision", 2, rounds=args.rounds, sets={n: SETS[n] for n in args.names})
@@ -161,7 +162,7 @@ def main() -> None:
         entry["speed"] = speed(models, ndim, args.rounds)
         doc["sets"][name] = entry
         log(f"  {entry['accuracy']}\n  {entry['speed']}")
-    finish(doc, markdown, "precision", args.out)
+    finish(doc, markdown, args.name, args.out)
 
 
 def _plain(models: dict[str, dict]) -> dict:

@@ -71,14 +71,14 @@ def test_a_live_model_scores_exactly_as_its_checkpoint_does_in_the_runtime(tmp_p
     assert strict.n_pred <= live.n_pred
 
 
-def test_an_epoch_is_kept_within_one_standard_error_of_the_best_ap_so_far():
+def test_an_epoch_is_kept_within_two_standard_errors_of_the_best_ap_so_far():
     assert keeps(0.0, [], 10) and keeps(0.9, [1.0], 10) and not keeps(0.89, [1.0], 10)  # one object at least
-    assert tolerance(0.8, 22) == pytest.approx(0.0853, abs=1e-4)  # sqrt(0.8 * 0.2 / 22) > 1 / 22
-    assert keeps(0.72, [0.8], 22) and not keeps(0.71, [0.8], 22)
-    assert keeps(0.891, [0.9], 1000) and not keeps(0.89, [0.9], 1000)
+    assert tolerance(0.8, 22) == pytest.approx(0.1706, abs=1e-4)  # 2 sqrt(0.8 * 0.2 / 22) > 1 / 22
+    assert keeps(0.63, [0.8], 22) and not keeps(0.62, [0.8], 22)
+    assert keeps(0.882, [0.9], 1000) and not keeps(0.88, [0.9], 1000)  # 2 sqrt(0.09 / 1000) = 0.019
     # a noisy rise, a collapse at the end: the latest epoch near the top, not the single highest, not the last
     aps = [0.0, 0.5, 0.82, 0.78, 0.8, 0.79, 0.2]
-    assert kept_epoch(aps, 20) == 5 and kept_epoch(aps, 1000) == 2
+    assert kept_epoch(aps, 20) == 5 and kept_epoch(aps, 10_000) == 2
     # the online rule and the offline replay agree
     kept = [i for i in range(len(aps)) if keeps(aps[i], aps[:i], 20)]
     assert kept[-1] == kept_epoch(aps, 20)

@@ -220,7 +220,7 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     "--select",
     type=click.Choice(["ap", "iou"]),
     help="Keep as best.pth the latest epoch whose val AP@0.5 (whole images segmented by the runtime) is "
-    "within one standard error (at least one object) of the best so far (ap), or upstream's best mean IoU "
+    "within two standard errors (at least one object) of the best so far (ap), or upstream's best mean IoU "
     "of val crops (iou) [ap].",
 )
 @click.option(

@@ -632,7 +632,7 @@ def train(
         row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}
         row["time_s"] = time.perf_counter() - t_epoch
         log.append(row)
-        if cfg.select == "ap":  # within one standard error of the best AP so far: later epochs win ties
+        if cfg.select == "ap":  # within two standard errors of the best AP so far: later epochs win
             improved = keeps(score.ap50, [r.get("val_ap50", 0.0) for r in log[:-1]], score.n_true)
         else:  # upstream's rule
             improved = val_iou > best_iou
