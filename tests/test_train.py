@@ -355,15 +355,26 @@ def test_a_run_keeps_the_unfed_taps_at_zero_and_records_them(data2d, tmp_path):
     model, contract = load_model(upstream.last_checkpoint)
     assert "dilated_taps_off" not in contract.provenance
     assert all(torch.count_nonzero(outer_taps(model, n, a)) > 0 for n, a in expected)
-    for start, kept_off in (
-        (result, True),
-        (upstream, False),
-    ):  # fine-tuning keeps the network it starts from
+    # a record of the layers alone (as the first runs of this rule wrote it), under either setting
+    ckpt = torch.load(result.last_checkpoint, weights_only=True)
+    del ckpt["contract"]["provenance"]["dilated_taps_off"]["image_shape"]
+    torch.save(ckpt, layers_only := tmp_path / "layers_only.pth")
+    for k, (start, context, kept_off) in enumerate(
+        (
+            (result.last_checkpoint, "crop", True),
+            (layers_only, "all", True),
+            (upstream.last_checkpoint, "crop", False),
+        )
+    ):  # fine-tuning keeps the network it starts from, whatever --dilated-context says
         tuned = train(
-            _tiny(data2d, tmp_path / f"from{kept_off}", init=str(start.last_checkpoint)), progress=False
+            _tiny(data2d, tmp_path / f"tuned{k}", init=str(start), dilated_context=context), progress=False
         )
         model, contract = load_model(tuned.last_checkpoint)
-        assert ("dilated_taps_off" in contract.provenance) == kept_off
+        assert (contract.provenance.get("dilated_taps_off", {}).get("layers") == record["layers"]) == kept_off
         assert all((torch.count_nonzero(outer_taps(model, n, a)) == 0) == kept_off for n, a in expected)
+    ckpt["contract"]["provenance"]["dilated_taps_off"]["layers"] = ["encoder.initial_block.conv"]
+    torch.save(ckpt, bad := tmp_path / "bad_record.pth")
+    with pytest.raises(TrainError, match=r"bad_record\.pth: unreadable record of switched-off taps"):
+        train(_tiny(data2d, tmp_path / "from-bad", init=str(bad)), progress=False)
     with pytest.raises(TrainError, match="dilated_context must be crop or all"):
         train(_tiny(data2d, tmp_path / "bad", dilated_context="none"), progress=False)

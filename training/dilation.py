@@ -99,19 +99,26 @@ def unfed_convs(
     ]
 
 
+def switch_off_taps(model: torch.nn.Module, names: Sequence[str]) -> list[str]:
+    """Zero the outer taps of the axis convolutions ``names`` and mask their gradient so they stay zero
+    (also under Adam's weight decay: a zero weight with a zero gradient is not moved). Returns ``names``;
+    ValueError for a name that is not a 3-tap axis convolution of ``model``."""
+    modules = dict(model.named_modules())
+    for name in names:
+        conv = modules.get(name)
+        axis = _axis(conv) if isinstance(conv, torch.nn.modules.conv._ConvNd) else None
+        if axis is None:
+            raise ValueError(f"{name!r} is not a 3-tap axis convolution of this network")
+        mask = torch.zeros_like(conv.weight)
+        mask.narrow(2 + axis, 1, 1).fill_(1.0)  # the centre tap; weights are (out, in, *kernel)
+        with torch.no_grad():
+            conv.weight.mul_(mask)
+        conv.weight.register_hook(lambda grad, mask=mask: grad * mask)
+    return list(names)
+
+
 def switch_off_unfed_taps(
     model: torch.nn.Module, crop_size: Sequence[int], image_shape: Sequence[int]
 ) -> list[str]:
-    """Zero the outer taps of :func:`unfed_convs` and mask their gradient so they stay zero (also under
-    Adam's weight decay: a zero weight with a zero gradient is not moved). Returns the layer names."""
-    modules = dict(model.named_modules())
-    names = []
-    for name, axis in unfed_convs(model, crop_size, image_shape):
-        weight = modules[name].weight
-        mask = torch.zeros_like(weight)
-        mask.narrow(2 + axis, 1, 1).fill_(1.0)  # the centre tap; weights are (out, in, *kernel)
-        with torch.no_grad():
-            weight.mul_(mask)
-        weight.register_hook(lambda grad, mask=mask: grad * mask)
-        names.append(name)
-    return names
+    """:func:`switch_off_taps` of :func:`unfed_convs`; returns the layer names."""
+    return switch_off_taps(model, [name for name, _ in unfed_convs(model, crop_size, image_shape)])

@@ -47,7 +47,7 @@ from embedseg_deploy.io import atomic_write_text, atomic_writer
 from . import __version__
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
 from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
-from .dilation import switch_off_unfed_taps
+from .dilation import switch_off_taps, switch_off_unfed_taps
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
 from .validate import keeps, pick_images, pipeline_score, small_val_note
@@ -574,13 +574,17 @@ def train(
     start_contract = _initialise(model, cfg.init, contract) if cfg.init else None
     model.to(device)
     taps = None  # before the QAT hooks: the probe input must not set their ranges
-    if cfg.dilated_context == "crop":
-        taps = {"crop_size": list(cfg.crop_size), "image_shape": contract.data_properties["max_image_shape"]}
-        if start_contract is not None:  # fine-tuning keeps the network it starts from
-            taps = start_contract.provenance.get("dilated_taps_off")
+    if start_contract is not None:  # fine-tuning keeps the network it starts from, layer by layer
+        taps = start_contract.provenance.get("dilated_taps_off")
+        try:
+            switch_off_taps(model, taps["layers"] if taps else [])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainError(f"{cfg.init}: unreadable record of switched-off taps ({exc})") from None
+    elif cfg.dilated_context == "crop":
+        crop, image = list(cfg.crop_size), contract.data_properties["max_image_shape"]
+        taps = {"crop_size": crop, "image_shape": image, "layers": switch_off_unfed_taps(model, crop, image)}
     if taps:
-        off = switch_off_unfed_taps(model, taps["crop_size"], taps["image_shape"])
-        contract.provenance["dilated_taps_off"] = {**taps, "layers": off}
+        contract.provenance["dilated_taps_off"] = taps
     if progress:  # after the taps: the line says which are off
         click.echo(settings_line(cfg, contract, device), err=True)
     if setup.val_note:
