@@ -48,7 +48,7 @@ from _common import REPO, RESULTS  # noqa: E402
 # nuclei-3d 600
 BUDGETS = {"dsb-2d": 720, "hela-2d": 375, "nuclei-2d": 1500, "nuclei-3d": 600}
 BATCH = 8
-RULES = ("ap", "iou", "last", "oracle")
+RULES = ("ap", "tuned", "iou", "last", "oracle")
 KEYS = ("ap50", "ap50_90")
 
 
@@ -89,7 +89,13 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
     n_val = sum(s.n_objects for s in load_split(data, "val"))
     if result.is_file():  # the rules as they are now, where the run kept its per-epoch record
         kept = json.loads(result.read_text())
-        return with_picks(kept, n_val) if "by_epoch" in kept else kept
+        if "by_epoch" not in kept:
+            return kept
+        kept = with_picks(kept, n_val)
+        if "seed_tune" not in kept and variant == "default":  # measured once, then stored
+            kept["seed_tune"] = seed_tuned(folder / "run", data, kept["picked_epoch"]["ap"])
+            result.write_text(json.dumps(kept, indent=1) + "\n")
+        return with_tuned(kept)
     torch.set_num_threads(1)
     test = load_split(data, "test")
     by_epoch = []
@@ -129,6 +135,8 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
     out = with_picks(out, n_val)
     if config.select == "ap":
         assert out["picked_epoch"]["ap"] == run.best_epoch + 1, "the replayed rule must be the trainer's"
+        out["seed_tune"] = seed_tuned(folder / "run", data, out["picked_epoch"]["ap"])
+    out = with_tuned(out)
     folder.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps(out, indent=1) + "\n")
     print({k: v for k, v in out.items() if k != "by_epoch"}, flush=True)
@@ -153,6 +161,44 @@ def with_picks(out: dict, n_val: int) -> dict:
     picks = pick_epochs(out["by_epoch"], n_val)
     scores = {f"{r}_{k}": out["by_epoch"][e - 1][f"test_{k}"] for r, e in picks.items() for k in KEYS}
     return out | {"picked_epoch": picks, "relapses": relapses(out["by_epoch"])} | scores
+
+
+def seed_tuned(run: Path, data: Path, epoch: int) -> dict | None:
+    """The trainer's seed-threshold tune (``validate.tune_seed_thresh`` on val) of the checkpoint of
+    ``epoch`` (from 1), and the test AP at the threshold it leaves; None when that checkpoint is not
+    stored (best.pth and last.pth hold one epoch each). A best.pth the trainer tuned already is
+    tuned again from its recorded starting threshold, with the same result."""
+    import dataclasses
+
+    import torch
+
+    from embedseg_deploy.backends.torch_backend import ModuleBackend
+    from embedseg_training.checkpoint import load_checkpoint, load_model
+    from embedseg_training.data import load_split
+    from embedseg_training.validate import pipeline_score, tune_seed_thresh
+
+    path = next((p for p in (run / "best.pth", run / "last.pth") if p.is_file() and
+                 load_checkpoint(p)["epoch"] + 1 == epoch), None)  # fmt: skip
+    if path is None:
+        return None
+    torch.set_num_threads(1)
+    model, contract = load_model(path)
+    start = (contract.provenance.get("seed_tune") or {}).get("before", contract.thresholds.seed_thresh)
+    contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=start)
+    backend = ModuleBackend(model, contract)
+    tune = tune_seed_thresh(backend, load_split(data, "val"), start)
+    thresh = tune.after if tune.kept else start
+    score = pipeline_score(backend, load_split(data, "test"), {"seed_thresh": thresh})
+    return {"checkpoint": path.name, "epoch": epoch, **tune.to_dict(), "test_ap50": round(score.ap50, 4),
+            "test_ap50_90": round(score.ap50_90, 4)}  # fmt: skip
+
+
+def with_tuned(out: dict) -> dict:
+    """``out`` with the ``tuned`` rule's scores: best.pth at its tuned seed threshold."""
+    tune = out.get("seed_tune")
+    if not tune:
+        return out
+    return out | {"tuned_ap50": tune["test_ap50"], "tuned_ap50_90": tune["test_ap50_90"]}
 
 
 def relapses(by_epoch: list[dict]) -> list[int]:
@@ -235,7 +281,8 @@ def markdown(doc: dict) -> str:
         "(poly), the step budgets below; test AP pooled over the set's test/ images, "
         "whole images through the runtime's pipeline. Rules: `ap` = best.pth as the trainer now keeps it "
         "(the latest epoch within two standard errors, at least one object, of the best full-pipeline val "
-        "AP@0.5; replayed from the per-epoch record), `iou` = upstream's (best mean crop IoU on "
+        "AP@0.5; replayed from the per-epoch record), `tuned` = that checkpoint at the seed threshold "
+        "the trainer tunes on val (`--tune-seed`, the default), `iou` = upstream's (best mean crop IoU on "
         "val), `last` = the last epoch, `oracle` = the epoch of the best test AP@0.5 (no rule can beat it). "
         "`upstream` = EmbedSeg 0.2.5 trained and predicting as its 2D or 3D notebooks do "
         "(upstream_train.py), its own best-IoU checkpoint; steps are `ceil(budget / iterations)` epochs on "

@@ -53,6 +53,10 @@ def test_tiny_2d_run_writes_checkpoints_with_a_full_contract(data2d, tmp_path):
     assert contract.normalization.kind == "percentile" and contract.padding == "center"
     assert contract.thresholds.min_object_size == contract.data_properties["min_object_size"] > 0
     assert contract.provenance["config"]["crop_size"] == [32, 32]
+    # best.pth's seed threshold was tuned on val after training, and the contract says how
+    tune = contract.provenance["seed_tune"]
+    assert tune == result.seed_tune.to_dict()
+    assert contract.thresholds.seed_thresh == (tune["after"] if tune["kept"] else 0.9)
     last = load_checkpoint(result.last_checkpoint)
     assert (
         last["epoch"] == 1
@@ -166,11 +170,16 @@ def test_cli_train_and_config_round_trip(data2d, tmp_path):
     saved = json.loads((run1 / "config.json").read_text())
     assert saved["seed"] == 3 and saved["crop_size"] == [32, 32] and saved["iterations"] == 1
     # the written config is accepted again; options given on the command line win
-    res = CliRunner().invoke(main, ["train", "--config", str(run1 / "config.json"), "--out", str(run2), "-q"])
+    res = CliRunner().invoke(
+        main, ["train", "--config", str(run1 / "config.json"), "--out", str(run2), "-q", "--no-tune-seed"]
+    )
     assert res.exit_code == 0, res.output
     again = json.loads((run2 / "config.json").read_text())
-    assert {**again, "out": None} == {**saved, "out": None}
+    assert again["tune_seed"] is False and saved["tune_seed"] is True
+    assert {**again, "out": None, "tune_seed": True} == {**saved, "out": None}
     assert Contract.from_dict(load_checkpoint(run2 / "last.pth")["contract"]).ndim == 2
+    best = Contract.from_dict(load_checkpoint(run2 / "best.pth")["contract"])
+    assert "seed_tune" not in best.provenance and best.thresholds.seed_thresh == 0.9
     log1 = (run1 / "log.csv").read_text().splitlines()[1].split(",")
     log2 = (run2 / "log.csv").read_text().splitlines()[1].split(",")
     assert log1[1] == log2[1]  # same settings, same seed: same train loss

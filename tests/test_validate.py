@@ -82,3 +82,36 @@ def test_an_epoch_is_kept_within_two_standard_errors_of_the_best_ap_so_far():
     # the online rule and the offline replay agree
     kept = [i for i in range(len(aps)) if keeps(aps[i], aps[:i], 20)]
     assert kept[-1] == kept_epoch(aps, 20)
+
+
+def _dim_and_bright(path, dim: int):
+    """The toy network (seediness rises with local brightness) on 16 balls, the first ``dim`` of them
+    dimmer: found as foreground (seediness > 0.5) but peaking under the 0.9 seed threshold."""
+    from types import SimpleNamespace
+
+    from embedseg_deploy.backends import create_backend
+
+    from ._runtime_models import blobs, toy_onnx
+
+    _, labels = blobs((128, 128), 16, radius=4.0, seed=3, gap=10.0)
+    rng = np.random.default_rng(0)
+    level = np.where((labels > 0) & (labels <= dim), 660.0, 1100.0)  # normalised 0.56 vs 1.0
+    image = np.where(labels > 0, level, 100.0) + rng.normal(0, 20, labels.shape)
+    sample = SimpleNamespace(image=image[None].astype(np.float32), mask=labels)
+    return create_backend(toy_onnx(path / "toy.onnx", 2), "onnx-cpu"), [sample], int(labels.max())
+
+
+def test_the_seed_threshold_is_lowered_to_what_nearly_all_val_objects_reach(tmp_path):
+    from embedseg_training.validate import SEED_QUANTILE, object_peaks, tune_seed_thresh
+
+    backend, val, n = _dim_and_bright(tmp_path, dim=3)
+    peaks = object_peaks(backend, val)
+    assert len(peaks) == n == 16 and (peaks[:3] < 0.9).all() and (peaks[:3] > 0.5).all()
+    assert (peaks[3:] > 0.9).all()
+    tune = tune_seed_thresh(backend, val, 0.9)
+    assert tune.kept and tune.below == 3 and tune.objects == 16
+    assert tune.after == pytest.approx(np.quantile(peaks, SEED_QUANTILE), abs=1e-4) and tune.after < 0.9
+    assert tune.val_ap50[1] > tune.val_ap50[0]  # dim objects seeded at the tuned threshold, not at 0.9
+    assert pipeline_score(backend, val, {"seed_thresh": tune.after}).ap50 == pytest.approx(tune.val_ap50[1])
+    bright = tune_seed_thresh(*_dim_and_bright(tmp_path / "bright", dim=0)[:2], 0.9)
+    assert not bright.kept and bright.after == 0.9 and bright.below == 0  # never raised

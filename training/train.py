@@ -50,7 +50,7 @@ from .data import CropDataset, compute_properties, load_split, round_up_8, worke
 from .dilation import switch_off_taps, switch_off_unfed_taps
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
-from .validate import keeps, pick_images, pipeline_score, small_val_note
+from .validate import SeedTune, keeps, pick_images, pipeline_score, small_val_note, tune_seed_thresh
 
 BEST, LAST, CONFIG, LOG_CSV, PLOT = "best.pth", "last.pth", "config.json", "log.csv", "loss.png"
 LOG_FIELDS = (
@@ -112,6 +112,7 @@ class TrainConfig:
     fg_thresh: float = 0.5
     select: str = "ap"  # best.pth by full-pipeline val AP@0.5 ("ap") or by upstream's crop IoU ("iou")
     dilated_context: str = "crop"  # "crop": taps crops do not feed as the images do stay off (dilation.py)
+    tune_seed: bool = True  # lower best.pth's seed threshold where val objects peak under it (validate.py)
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
     steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
     init: str | None = None  # a checkpoint whose weights start the run (fine-tuning)
@@ -160,6 +161,7 @@ class RunResult:
     config: TrainConfig
     contract: Contract
     stopped_by_budget: bool = False  # max_minutes ended the run before config.epochs
+    seed_tune: SeedTune | None = None  # best.pth's seed threshold tuned on val (tune_seed)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -527,6 +529,26 @@ def _restore(path: Path, model, opt, scaler, contract: Contract) -> dict[str, An
     return ck
 
 
+def _tune_seed(path: Path, val_images: Sequence[Any], device: torch.device) -> SeedTune:
+    """Tune the seed threshold of the checkpoint at ``path`` on the val images and write the outcome into
+    its contract (``provenance.seed_tune``; ``thresholds.seed_thresh`` where kept), atomically."""
+    from embedseg_deploy.backends.torch_backend import ModuleBackend
+
+    from .checkpoint import load_model
+
+    ckpt = load_checkpoint(path)
+    model, contract = load_model(path, device=device)
+    backend = ModuleBackend(model, contract, str(device))
+    tune = tune_seed_thresh(backend, val_images, contract.thresholds.seed_thresh)
+    if tune.kept:
+        contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=tune.after)
+    contract.provenance["seed_tune"] = tune.to_dict()
+    ckpt["contract"] = contract.to_dict()
+    with atomic_writer(path) as f:
+        torch.save(ckpt, f)
+    return tune
+
+
 def train(
     config: TrainConfig | Mapping[str, Any] | str | os.PathLike,
     progress: bool = True,
@@ -686,6 +708,9 @@ def train(
             elapsed = time.perf_counter() - t_call
             n_epochs = epochs_in_budget(cfg.epochs, epoch, elapsed, epoch_times, 60.0 * cfg.max_minutes)
     best = run_dir / BEST
+    seed_tune = None
+    if best.is_file() and cfg.tune_seed and setup.val_images:
+        seed_tune = _tune_seed(best, setup.val_images, device)
     return RunResult(
         run_dir=run_dir,
         best_checkpoint=best if best.is_file() else None,
@@ -698,4 +723,5 @@ def train(
         config=cfg,
         contract=contract,
         stopped_by_budget=n_epochs < cfg.epochs,
+        seed_tune=seed_tune,
     )
