@@ -57,6 +57,12 @@ def test_tiny_2d_run_writes_checkpoints_with_a_full_contract(data2d, tmp_path):
     tune = contract.provenance["seed_tune"]
     assert tune == result.seed_tune.to_dict()
     assert contract.thresholds.seed_thresh == (tune["after"] if tune["kept"] else 0.9)
+    from embedseg_training.data import load_split
+    from embedseg_training.train import _tune_seed
+
+    again = _tune_seed(result.best_checkpoint, load_split(data2d, "val"), torch.device("cpu"))
+    assert again == result.seed_tune  # a tuned best.pth is tuned again from its first threshold
+    assert load_model(result.best_checkpoint)[1].provenance["seed_tune"] == tune
     last = load_checkpoint(result.last_checkpoint)
     assert (
         last["epoch"] == 1

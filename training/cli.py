@@ -288,7 +288,7 @@ def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pma
     if tune is not None and tune.below:
         verdict = "kept" if tune.kept else "not kept (val AP@0.5 would fall)"
         click.echo(
-            f"seed threshold {tune.before} -> {tune.after} {verdict}: {tune.below} of {tune.objects} val "
+            f"seed threshold {tune.before} -> {tune.after:.4f} {verdict}: {tune.below} of {tune.objects} val "
             f"objects peak under {tune.before}; val AP@0.5 {tune.val_ap50[0]:.3f} -> {tune.val_ap50[1]:.3f}"
         )
 

@@ -539,7 +539,10 @@ def _tune_seed(path: Path, val_images: Sequence[Any], device: torch.device) -> S
     ckpt = load_checkpoint(path)
     model, contract = load_model(path, device=device)
     backend = ModuleBackend(model, contract, str(device))
-    tune = tune_seed_thresh(backend, val_images, contract.thresholds.seed_thresh)
+    # a best.pth tuned before (a resumed run that kept it) starts again from its untuned threshold
+    start = (contract.provenance.get("seed_tune") or {}).get("before", contract.thresholds.seed_thresh)
+    contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=start)
+    tune = tune_seed_thresh(backend, val_images, start)
     if tune.kept:
         contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=tune.after)
     contract.provenance["seed_tune"] = tune.to_dict()

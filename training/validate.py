@@ -153,7 +153,7 @@ def tune_seed_thresh(backend, samples: Sequence[Sample], seed_thresh: float) -> 
         after = pipeline_score(backend, samples, {"seed_thresh": candidate}).ap50
     return SeedTune(
         before=seed_thresh,
-        after=round(candidate, 4),
+        after=candidate,
         quantile=SEED_QUANTILE,
         objects=int(peaks.size),
         below=int((peaks < seed_thresh).sum()),
