@@ -93,8 +93,10 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
             return kept
         kept = with_picks(kept, n_val)
         if "seed_tune" not in kept and variant == "default":  # measured once, then stored
+            from embedseg_deploy.io import atomic_write_text
+
             kept["seed_tune"] = seed_tuned(folder / "run", data, kept["picked_epoch"]["ap"])
-            result.write_text(json.dumps(kept, indent=1) + "\n")
+            atomic_write_text(result, json.dumps(kept, indent=1) + "\n")
         return with_tuned(kept)
     torch.set_num_threads(1)
     test = load_split(data, "test")
@@ -135,6 +137,7 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
     out = with_picks(out, n_val)
     if config.select == "ap":
         assert out["picked_epoch"]["ap"] == run.best_epoch + 1, "the replayed rule must be the trainer's"
+    if variant == "default":
         out["seed_tune"] = seed_tuned(folder / "run", data, out["picked_epoch"]["ap"])
     out = with_tuned(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,7 +170,7 @@ def seed_tuned(run: Path, data: Path, epoch: int) -> dict | None:
     """The trainer's seed-threshold tune (``validate.tune_seed_thresh`` on val) of the checkpoint of
     ``epoch`` (from 1), and the test AP at the threshold it leaves; None when that checkpoint is not
     stored (best.pth and last.pth hold one epoch each). A best.pth the trainer tuned already is
-    tuned again from its recorded starting threshold, with the same result."""
+    tuned again from its recorded starting threshold, as the trainer does."""
     import dataclasses
 
     import torch
@@ -175,7 +178,7 @@ def seed_tuned(run: Path, data: Path, epoch: int) -> dict | None:
     from embedseg_deploy.backends.torch_backend import ModuleBackend
     from embedseg_training.checkpoint import load_checkpoint, load_model
     from embedseg_training.data import load_split
-    from embedseg_training.validate import pipeline_score, tune_seed_thresh
+    from embedseg_training.validate import pick_images, pipeline_score, tune_seed_thresh
 
     path = next((p for p in (run / "best.pth", run / "last.pth") if p.is_file() and
                  load_checkpoint(p)["epoch"] + 1 == epoch), None)  # fmt: skip
@@ -186,7 +189,8 @@ def seed_tuned(run: Path, data: Path, epoch: int) -> dict | None:
     start = (contract.provenance.get("seed_tune") or {}).get("before", contract.thresholds.seed_thresh)
     contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=start)
     backend = ModuleBackend(model, contract)
-    tune = tune_seed_thresh(backend, load_split(data, "val"), start)
+    val = pick_images(load_split(data, "val"))  # the trainer's val images
+    tune = tune_seed_thresh(backend, val, start, contract.thresholds.fg_thresh)
     thresh = tune.after if tune.kept else start
     score = pipeline_score(backend, load_split(data, "test"), {"seed_thresh": thresh})
     return {"checkpoint": path.name, "epoch": epoch, **tune.to_dict(), "test_ap50": round(score.ap50, 4),

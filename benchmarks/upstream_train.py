@@ -141,8 +141,10 @@ if three_d:  # z separately, y and x square (the 3D notebooks)
     crop_z = int(round_up_8(props["avg_object_size_z"] + n_sigma * props["stdev_object_size_z"]))
 n_y, n_x = int(props["n_y"]), int(props["n_x"])
 n_z = int(props["n_z"]) if three_d else None
-if crop_size > min(n_y, n_x):
-    sys.exit(f"crop size {crop_size} exceeds upstream's grid {n_y}x{n_x} (the largest test image)")
+if crop_size > min(n_y, n_x) or (three_d and crop_z > n_z):
+    crop_text = f"{crop_z}x{crop_size}x{crop_size}" if three_d else crop_size
+    grid_text = f"{n_z}x{n_y}x{n_x}" if three_d else f"{n_y}x{n_x}"
+    sys.exit(f"crop {crop_text} exceeds upstream's grid {grid_text} (the largest test image)")
 crops_dir = os.path.join(work, "crops")
 for subset in ("train", "val"):
     images = sorted(glob.glob(os.path.join(data, subset, "images", "*.tif")))
@@ -231,14 +233,17 @@ open(cfg["result"], "w").write(json.dumps(result))
 """
 
 
-def finished(out: Path, data: Path, steps: int, seed: int) -> dict[str, Any] | None:
-    """The stored result when ``out`` holds a finished run of the same data, steps and seed (its JSON and
-    every test label file)."""
+def finished(
+    out: Path, data: Path, steps: int, seed: int, settings: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """The stored result when ``out`` holds a finished run of the same data, steps, seed and ``settings``
+    (keys of the runner's result, e.g. 3D's anisotropy; its JSON and every test label file)."""
     result = out / RESULT
     if not result.is_file():
         return None
     doc = json.loads(result.read_text())
     same = (doc.get("data"), doc.get("steps_requested"), doc.get("seed")) == (str(data), steps, seed)
+    same = same and all(doc.get(k) == v for k, v in (settings or {}).items())
     names = [p.name for p in sorted((data / "test" / "images").glob("*.tif"))]
     return doc if same and doc.get("finished") and all((out / n).is_file() for n in names) else None
 
@@ -275,8 +280,14 @@ def train_and_predict(
     write the labels and ``upstream_train.json`` into ``out``; returns the JSON (the stored one when
     ``out`` is finished already). ``work`` keeps crops and checkpoints (default: a temporary folder).
     3D only: ``anisotropy`` (default: from the TIFF metadata) and the medoid's ``speed_up``."""
+    import tifffile
+
     data, out = Path(data).resolve(), Path(out).resolve()
-    done = finished(out, data, steps, seed)
+    first = sorted((data / "train" / "images").glob("*.tif"))[:1]
+    three_d = bool(first) and tifffile.imread(first[0]).ndim == 3
+    anisotropy = anisotropy_of(data) if anisotropy is None and three_d else anisotropy
+    settings = {"anisotropy": anisotropy, "speed_up": speed_up} if three_d else {}
+    done = finished(out, data, steps, seed, settings)
     if done is not None:
         return done
     (out / RESULT).unlink(missing_ok=True)  # another run's result: this one replaces it
@@ -300,7 +311,7 @@ def train_and_predict(
             "seed": seed,
             "batch": BATCH,
             "lr": LR,
-            "anisotropy": anisotropy_of(data) if anisotropy is None else anisotropy,
+            "anisotropy": anisotropy if anisotropy is not None else 1.0,
             "speed_up": speed_up,
             "result": str(folder / "runner.json"),
         }

@@ -84,9 +84,10 @@ def test_an_epoch_is_kept_within_two_standard_errors_of_the_best_ap_so_far():
     assert kept[-1] == kept_epoch(aps, 20)
 
 
-def _dim_and_bright(path, dim: int):
+def _dim_and_bright(path, dim: int, unlabelled: int = 0):
     """The toy network (seediness rises with local brightness) on 16 balls, the first ``dim`` of them
-    dimmer: found as foreground (seediness > 0.5) but peaking under the 0.9 seed threshold."""
+    dimmer: found as foreground (seediness > 0.5) but peaking under the 0.9 seed threshold; the last
+    ``unlabelled`` dim ones are left out of the mask (objects nobody annotated)."""
     from types import SimpleNamespace
 
     from embedseg_deploy.backends import create_backend
@@ -95,10 +96,17 @@ def _dim_and_bright(path, dim: int):
 
     _, labels = blobs((128, 128), 16, radius=4.0, seed=3, gap=10.0)
     rng = np.random.default_rng(0)
-    level = np.where((labels > 0) & (labels <= dim), 660.0, 1100.0)  # normalised 0.56 vs 1.0
+    level = np.where((labels > 0) & (labels <= dim), 660.0, 1100.0)  # peaks 0.85-0.89 vs over 0.9
+    if unlabelled:  # the annotated dim balls a little dimmer (peaks 0.79-0.83) than the others
+        level[(labels > 0) & (labels <= dim - unlabelled)] = 640.0
     image = np.where(labels > 0, level, 100.0) + rng.normal(0, 20, labels.shape)
-    sample = SimpleNamespace(image=image[None].astype(np.float32), mask=labels)
-    return create_backend(toy_onnx(path / "toy.onnx", 2), "onnx-cpu"), [sample], int(labels.max())
+    mask = np.where((labels <= dim - unlabelled) | (labels > dim), labels, 0)
+    sample = SimpleNamespace(image=image[None].astype(np.float32), mask=mask)
+    return (
+        create_backend(toy_onnx(path / "toy.onnx", 2), "onnx-cpu"),
+        [sample],
+        int((np.unique(mask) > 0).sum()),
+    )
 
 
 def test_the_seed_threshold_is_lowered_to_what_nearly_all_val_objects_reach(tmp_path):
@@ -115,3 +123,8 @@ def test_the_seed_threshold_is_lowered_to_what_nearly_all_val_objects_reach(tmp_
     assert pipeline_score(backend, val, {"seed_thresh": tune.after}).ap50 == pytest.approx(tune.val_ap50[1])
     bright = tune_seed_thresh(*_dim_and_bright(tmp_path / "bright", dim=0)[:2], 0.9)
     assert not bright.kept and bright.after == 0.9 and bright.below == 0  # never raised
+    # lowering it would also seed unannotated dim balls: val AP falls, the threshold stays
+    backend, val, n = _dim_and_bright(tmp_path / "fp", dim=12, unlabelled=9)
+    crowded = tune_seed_thresh(backend, val, 0.9)
+    assert n == 7 and crowded.below == 3 and crowded.after < 0.9
+    assert crowded.val_ap50[1] < crowded.val_ap50[0] and not crowded.kept

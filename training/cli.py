@@ -227,7 +227,8 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     "--tune-seed/--no-tune-seed",
     default=None,
     help="After training, lower best.pth's seed threshold to the level 95 % of the val objects' seediness "
-    "peaks reach, where that is under 0.9 and val AP@0.5 does not fall; the contract records it [on].",
+    "peaks reach, where that is under the threshold and val AP@0.5 does not fall; the contract records "
+    "the tune; not after --qat [on].",
 )
 @click.option(
     "--dilated-context",
@@ -285,7 +286,7 @@ def train_cmd(data_dir, out, config_file, crop_size, pixel_size, norm, pmin, pma
     best = f"{result.best_checkpoint} (epoch {epoch}, {scores})"
     click.echo(f"done: {result.epochs_done} epoch(s) logged in {result.run_dir}; best {best}")
     tune = result.seed_tune
-    if tune is not None and tune.below:
+    if tune is not None and tune.after < tune.before:
         verdict = "kept" if tune.kept else "not kept (val AP@0.5 would fall)"
         click.echo(
             f"seed threshold {tune.before} -> {tune.after:.4f} {verdict}: {tune.below} of {tune.objects} val "

@@ -159,7 +159,7 @@ class RunResult:
     epochs_done: int
     log: list[dict[str, Any]]
     config: TrainConfig
-    contract: Contract
+    contract: Contract  # the training loop's: best.pth's holds the tuned seed threshold (seed_tune)
     stopped_by_budget: bool = False  # max_minutes ended the run before config.epochs
     seed_tune: SeedTune | None = None  # best.pth's seed threshold tuned on val (tune_seed)
 
@@ -542,7 +542,7 @@ def _tune_seed(path: Path, val_images: Sequence[Any], device: torch.device) -> S
     # a best.pth tuned before (a resumed run that kept it) starts again from its untuned threshold
     start = (contract.provenance.get("seed_tune") or {}).get("before", contract.thresholds.seed_thresh)
     contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=start)
-    tune = tune_seed_thresh(backend, val_images, start)
+    tune = tune_seed_thresh(backend, val_images, start, contract.thresholds.fg_thresh)
     if tune.kept:
         contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=tune.after)
     contract.provenance["seed_tune"] = tune.to_dict()
@@ -712,7 +712,9 @@ def train(
             n_epochs = epochs_in_budget(cfg.epochs, epoch, elapsed, epoch_times, 60.0 * cfg.max_minutes)
     best = run_dir / BEST
     seed_tune = None
-    if best.is_file() and cfg.tune_seed and setup.val_images:
+    # after the loop, outside a max_minutes budget; not after QAT, whose best epoch was chosen on the
+    # model with int8 rounding simulated, which the fp32 network loaded here is not
+    if best.is_file() and cfg.tune_seed and not cfg.qat and setup.val_images:
         seed_tune = _tune_seed(best, setup.val_images, device)
     return RunResult(
         run_dir=run_dir,

@@ -81,7 +81,7 @@ def small_val_note(samples: Sequence[Sample], used: Sequence[Sample]) -> str | N
     return "; ".join(notes) or None
 
 
-STANDARD_ERRORS = 2.0
+STANDARD_ERRORS = 2.0  # the width of :func:`tolerance` (see the module docstring)
 
 
 def tolerance(best: float, n_objects: int) -> float:
@@ -131,22 +131,27 @@ class SeedTune:
     objects: int
     below: int  # val objects whose seediness peaks under ``before``
     val_ap50: tuple[float, float]  # at ``before``, at the candidate
-    kept: bool
+    kept: bool  # ``after`` is the candidate; the threshold in use is ``after`` if kept, else ``before``
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "val_ap50": list(self.val_ap50)}
 
 
-def tune_seed_thresh(backend, samples: Sequence[Sample], seed_thresh: float) -> SeedTune:
+def tune_seed_thresh(
+    backend, samples: Sequence[Sample], seed_thresh: float, fg_thresh: float = 0.5
+) -> SeedTune:
     """Lower ``seed_thresh`` to the :data:`SEED_QUANTILE` quantile of the val objects' peak seediness
-    where that is lower, when val AP@0.5 does not fall.
+    (not under ``fg_thresh``: a seed is a foreground pixel) where that is lower, when val AP@0.5 rises or
+    stays the same above zero (an untrained model's 0 -> 0 is no evidence).
 
     The seed threshold (0.9, upstream's) only starts objects; a model whose centres on some objects peak
     at 0.83-0.87 finds them as foreground and never seeds them (DSB, seed 6 of
     benchmarks/results/train_seeds_dsb_fresh.md: five small nuclei). The quantile asks that nearly all
     val objects can start a cluster; the threshold is never raised."""
     peaks = object_peaks(backend, samples)
-    candidate = min(seed_thresh, float(np.quantile(peaks, SEED_QUANTILE))) if peaks.size else seed_thresh
+    candidate = seed_thresh
+    if peaks.size:
+        candidate = min(seed_thresh, max(fg_thresh, float(np.quantile(peaks, SEED_QUANTILE))))
     before = pipeline_score(backend, samples, {"seed_thresh": seed_thresh}).ap50
     after = before
     if candidate < seed_thresh:
@@ -158,7 +163,7 @@ def tune_seed_thresh(backend, samples: Sequence[Sample], seed_thresh: float) -> 
         objects=int(peaks.size),
         below=int((peaks < seed_thresh).sum()),
         val_ap50=(round(before, 4), round(after, 4)),
-        kept=candidate < seed_thresh and after >= before,
+        kept=candidate < seed_thresh and (after > before or after == before > 0),
     )
 
 
