@@ -171,14 +171,13 @@ def seed_tuned(run: Path, data: Path, epoch: int) -> dict | None:
     ``epoch`` (from 1), and the test AP at the threshold it leaves; None when that checkpoint is not
     stored (best.pth and last.pth hold one epoch each). A best.pth the trainer tuned already is
     tuned again from its recorded starting threshold, as the trainer does."""
-    import dataclasses
-
     import torch
 
     from embedseg_deploy.backends.torch_backend import ModuleBackend
     from embedseg_training.checkpoint import load_checkpoint, load_model
     from embedseg_training.data import load_split
-    from embedseg_training.validate import pick_images, pipeline_score, tune_seed_thresh
+    from embedseg_training.train import tune_seed
+    from embedseg_training.validate import pick_images, pipeline_score
 
     path = next((p for p in (run / "best.pth", run / "last.pth") if p.is_file() and
                  load_checkpoint(p)["epoch"] + 1 == epoch), None)  # fmt: skip
@@ -186,13 +185,8 @@ def seed_tuned(run: Path, data: Path, epoch: int) -> dict | None:
         return None
     torch.set_num_threads(1)
     model, contract = load_model(path)
-    start = (contract.provenance.get("seed_tune") or {}).get("before", contract.thresholds.seed_thresh)
-    contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=start)
-    backend = ModuleBackend(model, contract)
-    val = pick_images(load_split(data, "val"))  # the trainer's val images
-    tune = tune_seed_thresh(backend, val, start, contract.thresholds.fg_thresh)
-    thresh = tune.after if tune.kept else start
-    score = pipeline_score(backend, load_split(data, "test"), {"seed_thresh": thresh})
+    tune = tune_seed(model, contract, pick_images(load_split(data, "val")))  # the trainer's val images
+    score = pipeline_score(ModuleBackend(model, contract), load_split(data, "test"))  # at the tuned threshold
     return {"checkpoint": path.name, "epoch": epoch, **tune.to_dict(), "test_ap50": round(score.ap50, 4),
             "test_ap50_90": round(score.ap50_90, 4)}  # fmt: skip
 

@@ -110,10 +110,13 @@ def _dim_and_bright(path, dim: int, unlabelled: int = 0):
 
 
 def test_the_seed_threshold_is_lowered_to_what_nearly_all_val_objects_reach(tmp_path):
+    from embedseg_deploy.predict import Predictor
     from embedseg_training.validate import SEED_QUANTILE, object_peaks, tune_seed_thresh
 
     backend, val, n = _dim_and_bright(tmp_path, dim=3)
-    peaks = object_peaks(backend, val)
+    peaks = object_peaks(
+        val[0].mask, Predictor(backend).run(val[0].image, channel_axis=0, want_seeds=True).seeds
+    )
     assert len(peaks) == n == 16 and (peaks[:3] < 0.9).all() and (peaks[:3] > 0.5).all()
     assert (peaks[3:] > 0.9).all()
     tune = tune_seed_thresh(backend, val, 0.9)

@@ -529,23 +529,32 @@ def _restore(path: Path, model, opt, scaler, contract: Contract) -> dict[str, An
     return ck
 
 
-def _tune_seed(path: Path, val_images: Sequence[Any], device: torch.device) -> SeedTune:
-    """Tune the seed threshold of the checkpoint at ``path`` on the val images and write the outcome into
-    its contract (``provenance.seed_tune``; ``thresholds.seed_thresh`` where kept), atomically."""
+def tune_seed(
+    model: torch.nn.Module, contract: Contract, val_images: Sequence[Any], device: str | torch.device = "cpu"
+) -> SeedTune:
+    """Tune ``contract``'s seed threshold for ``model`` on the val images (:func:`.validate.tune_seed_thresh`)
+    and record it in the contract (``thresholds.seed_thresh`` where kept, ``provenance.seed_tune``). A
+    contract tuned before (a resumed run that kept its best.pth) starts again from its untuned threshold."""
     from embedseg_deploy.backends.torch_backend import ModuleBackend
 
-    from .checkpoint import load_model
+    start = (contract.provenance.get("seed_tune") or {}).get("before", contract.thresholds.seed_thresh)
+    backend = ModuleBackend(model, contract, str(device))
+    tune = tune_seed_thresh(backend, val_images, start, contract.thresholds.fg_thresh)
+    contract.thresholds = dataclasses.replace(
+        contract.thresholds, seed_thresh=tune.after if tune.kept else start
+    )
+    contract.provenance["seed_tune"] = tune.to_dict()
+    return tune
+
+
+def _tune_seed(path: Path, val_images: Sequence[Any], device: torch.device) -> SeedTune:
+    """:func:`tune_seed` of the checkpoint at ``path``, written back into it atomically."""
+    from .checkpoint import model_from_state_dict
 
     ckpt = load_checkpoint(path)
-    model, contract = load_model(path, device=device)
-    backend = ModuleBackend(model, contract, str(device))
-    # a best.pth tuned before (a resumed run that kept it) starts again from its untuned threshold
-    start = (contract.provenance.get("seed_tune") or {}).get("before", contract.thresholds.seed_thresh)
-    contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=start)
-    tune = tune_seed_thresh(backend, val_images, start, contract.thresholds.fg_thresh)
-    if tune.kept:
-        contract.thresholds = dataclasses.replace(contract.thresholds, seed_thresh=tune.after)
-    contract.provenance["seed_tune"] = tune.to_dict()
+    contract = Contract.from_dict(ckpt["contract"])
+    model = model_from_state_dict(ckpt["model_state_dict"], contract, path).to(device).eval()
+    tune = tune_seed(model, contract, val_images, device)
     ckpt["contract"] = contract.to_dict()
     with atomic_writer(path) as f:
         torch.save(ckpt, f)

@@ -106,19 +106,12 @@ def kept_epoch(aps: Sequence[float], n_objects: int) -> int:
 SEED_QUANTILE = 0.05  # the share of val objects whose seediness may peak under a tuned seed threshold
 
 
-def object_peaks(backend, samples: Sequence[Sample]) -> np.ndarray:
-    """The highest seediness inside each val object, whole images through the runtime's pipeline."""
-    from embedseg_deploy.predict import Predictor
-
-    predictor = Predictor(backend)
-    peaks = []
-    for s in samples:
-        seeds = predictor.run(s.image, channel_axis=0, want_seeds=True).seeds
-        ids, where = np.unique(s.mask.ravel(), return_inverse=True)
-        best = np.full(len(ids), -np.inf)
-        np.maximum.at(best, where, seeds.ravel())
-        peaks += best[ids > 0].tolist()
-    return np.asarray(peaks, dtype=float)
+def object_peaks(mask: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """The highest seediness (``seeds``, the seed map) inside each object of ``mask``, in label order."""
+    ids, where = np.unique(mask.ravel(), return_inverse=True)
+    best = np.full(len(ids), -np.inf)
+    np.maximum.at(best, where, seeds.ravel())
+    return best[ids > 0]
 
 
 @dataclass(frozen=True)
@@ -148,11 +141,17 @@ def tune_seed_thresh(
     at 0.83-0.87 finds them as foreground and never seeds them (DSB, seed 6 of
     benchmarks/results/train_seeds_dsb_fresh.md: five small nuclei). The quantile asks that nearly all
     val objects can start a cluster; the threshold is never raised."""
-    peaks = object_peaks(backend, samples)
+    from embedseg_deploy.predict import Predictor
+
+    predictor = Predictor(backend, thresholds={"seed_thresh": seed_thresh})
+    runs = [predictor.run(s.image, channel_axis=0, want_seeds=True) for s in samples]
+    peaks = np.concatenate(
+        [object_peaks(s.mask, r.seeds) for s, r in zip(samples, runs, strict=True)] or [[]]
+    )
     candidate = seed_thresh
     if peaks.size:
         candidate = min(seed_thresh, max(fg_thresh, float(np.quantile(peaks, SEED_QUANTILE))))
-    before = pipeline_score(backend, samples, {"seed_thresh": seed_thresh}).ap50
+    before = score_labels([s.mask for s in samples], [r.labels for r in runs]).ap50  # = pipeline_score's
     after = before
     if candidate < seed_thresh:
         after = pipeline_score(backend, samples, {"seed_thresh": candidate}).ap50
