@@ -182,6 +182,22 @@ def test_failed_verification_writes_nothing(monkeypatch, tmp_path):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
+def test_float_rounding_of_larger_activations_is_not_refused():
+    """fp32 limits sit above float32 rounding: activations 5x larger (as in 6 of 73 trained models,
+    benchmarks/results/export_fp32.md) differ between runtimes by more than the former 1e-4 px."""
+    model = tiny_erfnet_like()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_var.fill_(1 / 25)
+        model[-1].weight /= 25
+    contract = Contract(ndim=2, spacing=[1 / 1023] * 2)
+    with torch_threads():
+        result = export_onnx(model, contract)
+    assert result.report.passed
+    assert max(case.errors["offset_px"] for case in result.report.cases) > 1e-4
+
+
 def test_existing_output_is_not_overwritten(tmp_path):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"keep me")
