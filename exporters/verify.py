@@ -44,9 +44,9 @@ class Tolerance:
 
 # fp32: ONNX Runtime CPU vs torch CPU, labels identical. Both sum in float32 in another order, and one float32
 # step of a tanh offset near 1 is already 1.2e-4 px at spacing 1/1023, so the raw limits sit far above
-# rounding and far below anything a label feels: on 73 trained models (benchmarks/results/export_fp32.md)
+# rounding and far below anything a label feels: on 77 trained models (benchmarks/results/export_fp32.md)
 # at most 5.4e-4 px, 9.7e-5 rel, 8.8e-5 (median 1.6e-5 px), where a wrong operator moves offsets by pixels.
-# The former limits (1e-4 each) refused 6 of those 73 models, all with identical labels.
+# The former limits (1e-4 each) refused 6 of those 77 models, all with identical labels.
 # fp16: fp16 ONNX vs the fp32 reference; measured on the trained upstream fixtures at most 0.019 px, 2.0 %,
 # 0.005 (benchmarks/results/fp16_error.md), so the limits are ~5x that. The label check catches a collapse
 # (TensorRT #3893: fp16 mIoU 79 -> 0), not a boundary pixel: a fixture tile holds 9-60 objects, so one
