@@ -59,7 +59,7 @@ def _limits(precision: str) -> str:
     """A precision's default verification limits as --tolerance takes them, and its label rule."""
     t = TOLERANCES[precision]
     labels = "identical" if t.min_label_ap is None else f"AP@0.5 >= {t.min_label_ap:g}"
-    return f"{precision} {t.offset_px:g},{t.sigma_rel:g},{t.seed_abs:g} (labels {labels})"
+    return f"{precision} {t.offset_px:g},{t.sigma_rel:g},{t.seed_abs:g} ({t.statistic}; labels {labels})"
 
 
 def _keep(text: str) -> list[str]:
@@ -82,7 +82,8 @@ def main() -> None:
 
 
 def _tolerance(text: str | None, precision: str):
-    """``--tolerance PX,REL,ABS`` -> a Tolerance keeping the precision's label rule; None for the default."""
+    """``--tolerance PX,REL,ABS`` -> a Tolerance keeping the precision's statistic and label rule; None for
+    the default."""
     if text is None:
         return None
     from .verify import TOLERANCES, Tolerance
@@ -93,7 +94,8 @@ def _tolerance(text: str | None, precision: str):
         raise click.BadParameter(f"{text!r}: give three numbers, e.g. 1e-3,1e-4,1e-4") from None
     if min(px, rel, seed) <= 0:
         raise click.BadParameter(f"{text!r}: limits must be positive")
-    return Tolerance(px, rel, seed, TOLERANCES[precision].min_label_ap)
+    default = TOLERANCES[precision]
+    return Tolerance(px, rel, seed, default.min_label_ap, default.statistic)
 
 
 def _is_tile(path: Path | None) -> bool:

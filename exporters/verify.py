@@ -47,17 +47,21 @@ class Tolerance:
 # rounding and far below anything a label feels: on 77 trained models (benchmarks/results/export_fp32.md)
 # at most 5.4e-4 px, 9.7e-5 rel, 8.8e-5 (median 1.6e-5 px), where a wrong operator moves offsets by pixels.
 # The former limits (1e-4 each) refused 6 of those 77 models, all with identical labels.
-# fp16: fp16 ONNX vs the fp32 reference; measured on the trained upstream fixtures at most 0.019 px, 2.0 %,
-# 0.005 (benchmarks/results/fp16_error.md), so the limits are ~5x that. The label check catches a collapse
-# (TensorRT #3893: fp16 mIoU 79 -> 0), not a boundary pixel: a fixture tile holds 9-60 objects, so one
-# object more or less moves AP@0.5 by 0.02-0.2. GPU engines are compared with ONNX Runtime CPU: fp32
-# kernels sum in another order (not measured yet: no GPU here), tf32 rounds conv inputs like fp16 does.
+# fp16: fp16 ONNX vs the fp32 reference, judged by means (offsets and sigma over the foreground on images
+# like the user's, seediness everywhere) and by labels. A maximum judges one pixel: on 78 trained models
+# (benchmarks/results/export_fp16_max.md) the worst pixel moved up to 0.98 px with the labels on the val
+# images unchanged, and the former max limits (0.1 px, 0.1, 0.02) refused 21 such models. The means
+# (export_fp16.md, 82 models) were at most 0.033 px, 0.005, 0.0006 where labels held (median 0.004 px,
+# 0.003, 0.0003), up to 0.10 px and 0.013 where they moved, which the pooled label check refuses (AP@0.5
+# 0.88-0.98 < 0.99). The label check on tiles catches a collapse (TensorRT #3893: fp16 mIoU 79 -> 0).
+# GPU engines are compared with ONNX Runtime CPU: fp32 kernels sum in another order, tf32 and fp16 round
+# like fp16 ONNX does (not measured yet: no GPU here).
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-2, 1e-3, 1e-3),
-    "fp16": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
+    "fp16": Tolerance(0.1, 0.05, 0.005, min_label_ap=0.9, statistic="mean"),
     "engine-fp32": Tolerance(1e-2, 1e-3, 1e-3, min_label_ap=0.98),
-    "engine-tf32": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
-    "engine-fp16": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
+    "engine-tf32": Tolerance(0.1, 0.05, 0.005, min_label_ap=0.9, statistic="mean"),
+    "engine-fp16": Tolerance(0.1, 0.05, 0.005, min_label_ap=0.9, statistic="mean"),
     # TensorRT int8 vs ONNX Runtime CPU on the same QDQ model: both round to int8 but sum and fuse in
     # another order; judged like the int8 export (means over the foreground, :mod:`.int8`).
     "engine-int8": Tolerance(1.0, 0.1, 0.05, min_label_ap=0.9, statistic="mean"),

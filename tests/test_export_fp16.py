@@ -40,8 +40,8 @@ def test_fp16_model_keeps_fp32_io_and_islands_and_agrees(kind):
     x = np.load(UPSTREAM / kind[-2:] / "network_input.npy")[None]
     ref = verify.ort_runner(path)(x)
     out = verify.ort_runner(fp16.SerializeToString(), optimize=False)(x)
-    errors = verify.output_errors(out, ref, contract.spacing)
     tol = verify.TOLERANCES["fp16"]
+    errors = verify.output_errors(out, ref, contract.spacing, statistic=tol.statistic)
     assert 0 < errors["offset_px"] <= tol.offset_px
     assert 0 < errors["sigma_rel"] <= tol.sigma_rel and 0 < errors["seed_abs"] <= tol.seed_abs
     cluster = verify.clusterer()
@@ -94,3 +94,25 @@ def test_fp16_export_end_to_end(tmp_path):
     x = np.random.default_rng(0).uniform(0, 1, (2, 1, 32, 48)).astype(np.float32)
     raw = verify.ort_runner(out)(x)
     assert raw.dtype == np.float32 and raw.shape == (2, 5, 32, 48) and np.isfinite(raw).all()
+
+
+def test_fp16_limits_judge_means_not_the_worst_pixel():
+    """One pixel off by 0.5 px (fp16 rounding at a large activation: 27 of 78 trained models had such a
+    pixel, labels unchanged) passes; the same error everywhere, a systematic shift, is refused."""
+    contract = Contract(ndim=2, spacing=[1 / 1023] * 2)
+    rng = np.random.default_rng(0)
+    ref = rng.normal(0.0, 0.01, (1, 5, 32, 32)).astype(np.float32)
+    ref[:, 4] = 4.0  # seediness ~0.98: all foreground, so offsets are judged on every pixel
+    fp16 = verify.TOLERANCES["fp16"]
+
+    def judged(test: np.ndarray, tol: verify.Tolerance = fp16) -> list[str]:
+        report = verify.compare(lambda x: test, lambda x: ref, contract, {"tile": ref}, tol, label_cases=())
+        return report.cases[0].problems
+
+    one_pixel = ref.copy()
+    one_pixel[0, 0, 5, 5] += 0.5 / 1023  # tanh' ~1 near 0: 0.5 px
+    assert not judged(one_pixel)
+    everywhere = ref + np.float32(0.2 / 1023) * np.array([1, 0, 0, 0, 0], np.float32)[None, :, None, None]
+    assert any("offset_px" in p for p in judged(everywhere))
+    worst_pixel = verify.Tolerance(fp16.offset_px, fp16.sigma_rel, fp16.seed_abs, fp16.min_label_ap, "max")
+    assert judged(one_pixel, worst_pixel)  # the former rule refused it
