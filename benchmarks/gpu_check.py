@@ -226,7 +226,7 @@ def gpu_tile(ctx: Context, contract) -> list[int]:
 
 def engine_tolerance(precision: str) -> str:
     """The exporter's limits for an engine of this precision against ONNX Runtime CPU."""
-    return {"fp16": "engine-fp16", "tf32": "engine-tf32"}.get(precision, "engine-fp32")
+    return {"fp16": "engine-fp16", "tf32": "engine-tf32", "int8": "engine-int8"}.get(precision, "engine-fp32")
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -41,27 +41,35 @@ class Tolerance:
     min_label_ap: float | None = None
     statistic: str = "max"  # or "mean": offsets and sigma over the foreground, seediness everywhere
 
+    def __post_init__(self) -> None:
+        if self.statistic not in ("max", "mean"):
+            raise ValueError(f"statistic must be 'max' or 'mean', got {self.statistic!r}")
+
 
 # fp32: ONNX Runtime CPU vs torch CPU, labels identical. Both sum in float32 in another order, and one float32
 # step of a tanh offset near 1 is already 1.2e-4 px at spacing 1/1023, so the raw limits sit far above
 # rounding and far below anything a label feels: on 77 trained models (benchmarks/results/export_fp32.md)
-# at most 5.4e-4 px, 9.7e-5 rel, 8.8e-5 (median 1.6e-5 px), where a wrong operator moves offsets by pixels.
+# at most 5.4e-4 px, 9.7e-5 rel, 8.8e-5 (median 1.7e-5 px), where a wrong operator moves offsets by pixels.
 # The former limits (1e-4 each) refused 6 of those 77 models, all with identical labels.
-# fp16: fp16 ONNX vs the fp32 reference, judged by means (offsets and sigma over the foreground on images
-# like the user's, seediness everywhere) and by labels. A maximum judges one pixel: on 78 trained models
-# (benchmarks/results/export_fp16_max.md) the worst pixel moved up to 0.98 px with the labels on the val
-# images unchanged, and the former max limits (0.1 px, 0.1, 0.02) refused 21 such models. The means
-# (export_fp16.md, 82 models) were at most 0.033 px, 0.005, 0.0006 where labels held (median 0.004 px,
-# 0.003, 0.0003), up to 0.10 px and 0.013 where they moved, which the pooled label check refuses (AP@0.5
-# 0.88-0.98 < 0.99). The label check on tiles catches a collapse (TensorRT #3893: fp16 mIoU 79 -> 0).
-# GPU engines are compared with ONNX Runtime CPU: fp32 kernels sum in another order, tf32 and fp16 round
-# like fp16 ONNX does (not measured yet: no GPU here).
+# fp16: fp16 ONNX vs the fp32 reference. On images like the user's the labels decide (pooled AP@0.5 >= 0.99)
+# and the raw errors are judged by means (offsets and sigma over the foreground, seediness everywhere): a
+# maximum judges one pixel, and on 78 trained models (benchmarks/results/export_fp16_max.md) the worst
+# pixel moved up to 0.98 px with the labels on the val images unchanged; the max limits refused 21 such
+# models. The means (export_fp16.md, 82 models) were at most 0.033 px, 0.005, 0.0006 where labels held
+# (median 0.004 px, 0.003, 0.0003), up to 0.10 px and 0.013 where they moved, which the label check
+# refuses (AP@0.5 0.88-0.98). Without such images only a synthetic tile's labels are checked (a collapse
+# check: TensorRT #3893, fp16 mIoU 79 -> 0), too weak to stand for the user's objects, so the raw errors
+# are then judged strictly, per pixel ("fp16-tiles"; it refused 5 of those 6 models). GPU engines are
+# compared with ONNX Runtime CPU on tiles, so by the per-pixel rules: fp32 kernels sum in another order,
+# tf32 and fp16 round like fp16 ONNX does (not measured yet: no GPU here).
+MIN_IMAGE_AP = 0.99  # fp16 vs fp32 labels, pooled over images like the user's
 TOLERANCES: dict[str, Tolerance] = {
     "fp32": Tolerance(1e-2, 1e-3, 1e-3),
     "fp16": Tolerance(0.1, 0.05, 0.005, min_label_ap=0.9, statistic="mean"),
+    "fp16-tiles": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
     "engine-fp32": Tolerance(1e-2, 1e-3, 1e-3, min_label_ap=0.98),
-    "engine-tf32": Tolerance(0.1, 0.05, 0.005, min_label_ap=0.9, statistic="mean"),
-    "engine-fp16": Tolerance(0.1, 0.05, 0.005, min_label_ap=0.9, statistic="mean"),
+    "engine-tf32": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
+    "engine-fp16": Tolerance(0.1, 0.1, 0.02, min_label_ap=0.9),
     # TensorRT int8 vs ONNX Runtime CPU on the same QDQ model: both round to int8 but sum and fuse in
     # another order; judged like the int8 export (means over the foreground, :mod:`.int8`).
     "engine-int8": Tolerance(1.0, 0.1, 0.05, min_label_ap=0.9, statistic="mean"),
@@ -363,6 +371,7 @@ class Report:
 
     def lines(self) -> list[str]:
         out = [f"verification: {self.test} vs {self.reference}: {'passed' if self.passed else 'FAILED'}"]
+        statistic = "mean " if self.tolerance.statistic == "mean" else ""
         for c in self.cases:
             errs = ", ".join(f"{g} {c.errors[g]:.2e}" for g in GROUPS)
             lab = ""
@@ -374,7 +383,7 @@ class Report:
             if c.name.startswith("pooled"):
                 out.append(f"  {c.name} ({c.shape[0]}){lab}")
             else:
-                out.append(f"  {c.name} {'x'.join(map(str, c.shape))}: {errs}{lab}")
+                out.append(f"  {c.name} {'x'.join(map(str, c.shape))}: {statistic}{errs}{lab}")
             out += [f"    PROBLEM: {p}" for p in c.problems]
         out += [f"  note: {n}" for n in self.notes]
         return out
@@ -382,15 +391,14 @@ class Report:
     def raise_if_failed(self) -> None:
         if not self.passed:
             labels_differ = any("label" in p for c in self.cases for p in c.problems)
-            hint = (
-                []
-                if labels_differ
-                else [
-                    "If only the raw-output limits are exceeded and the labels agree, the difference is"
-                    " float rounding between the two runtimes: relax the limits"
-                    " (embedseg-export onnx --tolerance PX,REL,ABS)."
-                ]
-            )
+            fp32 = self.test.endswith("fp32") and self.reference.endswith("fp32")
+            cause = "float rounding between the two runtimes" if fp32 else "the reduced precision"
+            fix = "relax the limits (embedseg-export onnx --tolerance PX,REL,ABS)"
+            if not fp32:
+                fix = "judge the labels on images like yours (--verify-input) or " + fix
+            raw_only = not labels_differ and self.test.startswith("onnx")
+            hint = [f"If only raw-output limits are exceeded and labels agree, it is {cause}: {fix}."]
+            hint = hint if raw_only else []
             raise VerificationError("\n".join([*self.lines(), *hint]))
 
 

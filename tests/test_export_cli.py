@@ -115,8 +115,9 @@ def test_upstream_export_prints_the_defaults_it_takes(tmp_path):
 
 def test_onnx_help_shows_the_fp32_and_fp16_verification_limits():
     text = " ".join(run("onnx", "--help").output.split())
-    assert "fp32 0.01,0.001,0.001 (max; labels identical)" in text
-    assert "fp16 0.1,0.05,0.005 (mean; labels AP@0.5 >= 0.9)" in text
+    assert "fp32: 0.01,0.001,0.001 per pixel, labels identical" in text
+    assert "fp16 on images like yours: 0.1,0.05,0.005 as means, labels pooled AP@0.5 >= 0.99" in text
+    assert "fp16 on tiles alone: 0.1,0.1,0.02 per pixel" in text
 
 
 def test_corrupted_onnx(tmp_path):

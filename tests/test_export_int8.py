@@ -127,8 +127,14 @@ def test_fp16_labels_are_judged_on_the_users_images(data, tmp_path):
     assert result.exit_code == 0, result.output
     assert "img000.tif 1x1x256x256" in result.output
     assert "pooled verification images (1); labels" in result.output
-    images = onnx_contract(out).provenance["export"]["verification"]["images"]
-    assert images["pooled verification images"]["ap50"] >= 0.99
+    verification = onnx_contract(out).provenance["export"]["verification"]
+    assert verification["images"]["pooled verification images"]["ap50"] >= 0.99
+    assert verification["statistic"] == "mean" and "img000.tif 1x1x256x256: mean offset_px" in result.output
+    # no images like the user's (an upstream checkpoint records no training data): every pixel judged
+    alone = CliRunner().invoke(main, ["onnx", ckpt, "-o", str(tmp_path / "a.onnx"), "--precision", "fp16"])
+    assert alone.exit_code == 0, alone.output
+    assert onnx_contract(tmp_path / "a.onnx").provenance["export"]["verification"]["statistic"] == "max"
+    assert "so raw errors per pixel" in " ".join(alone.output.split())
     empty = tmp_path / "empty"
     empty.mkdir()
     args = ["onnx", ckpt, "-o", str(tmp_path / "b.onnx"), "--precision", "fp16", "--verify-input", str(empty)]

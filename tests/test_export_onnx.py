@@ -183,7 +183,7 @@ def test_failed_verification_writes_nothing(monkeypatch, tmp_path):
 
 
 def test_float_rounding_of_larger_activations_is_not_refused():
-    """fp32 limits sit above float32 rounding: activations 5x larger (as in 6 of 73 trained models,
+    """fp32 limits sit above float32 rounding: activations 5x larger (as in 6 of 77 trained models,
     benchmarks/results/export_fp32.md) differ between runtimes by more than the former 1e-4 px."""
     model = tiny_erfnet_like()
     with torch.no_grad():

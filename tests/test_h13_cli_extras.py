@@ -75,7 +75,8 @@ def test_export_help_works_and_commands_name_the_export_extra(tmp_path):
     proc = cli("export", "--help")
     assert proc.returncode == 0 and all(c in proc.stdout for c in ("onnx", "trt", "info")), proc.stderr
     onnx_help = cli("export", "onnx", "--help")
-    assert onnx_help.returncode == 0 and "fp16 0.1,0.05,0.005" in " ".join(onnx_help.stdout.split())
+    help_text = " ".join(onnx_help.stdout.split())
+    assert onnx_help.returncode == 0 and "fp16 on images like yours: 0.1,0.05,0.005" in help_text
     ckpt = tmp_path / "model.pth"
     ckpt.write_bytes(b"PK\x03\x04 not really a zip")
     says_install(
