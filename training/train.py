@@ -61,6 +61,7 @@ LOG_FIELDS = (
     "val_ap50",
     "val_ap50_90",
     "val_objects",
+    "val_wide_seeds",
     "lr",
     "crops_per_s",
     "data_time_fraction",
@@ -665,9 +666,11 @@ def train(
         finally:
             bar.close()
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
-        score = pipeline_score(runtime, setup.val_images)
+        extent = (contract.data_properties or {}).get("max_extent")
+        score = pipeline_score(runtime, setup.val_images, max_extent=extent)
         row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
         row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}
+        row["val_wide_seeds"] = score.wide_seeds
         row["time_s"] = time.perf_counter() - t_epoch
         log.append(row)
         if cfg.select == "ap":  # within two standard errors of the best AP so far: later epochs win

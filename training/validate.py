@@ -22,6 +22,7 @@ checked it (benchmarks/results/train_seeds_dsb_fresh.md).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from embedseg_deploy.contract import axis_of_dim
 from embedseg_deploy.metrics import matching_dataset
 
 from .data import Sample
@@ -40,13 +42,15 @@ FEW_VAL_OBJECTS = 30  # below this an object moves AP by more than 3 %
 
 @dataclass(frozen=True)
 class PipelineScore:
-    """Pooled over the images: AP = TP / (TP + FP + FN) at IoU 0.5, and its mean over 0.50-0.90."""
+    """Pooled over the images: AP = TP / (TP + FP + FN) at IoU 0.5, and its mean over 0.50-0.90;
+    ``wide_seeds``: seed pixels whose bandwidth is wider than any training object (:func:`wide_seeds`)."""
 
     ap50: float
     ap50_90: float
     n_true: int
     n_pred: int
     images: int
+    wide_seeds: int = 0
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -167,15 +171,52 @@ def tune_seed_thresh(
 
 
 def pipeline_score(
-    backend, samples: Sequence[Sample], thresholds: Mapping[str, float] | None = None
+    backend,
+    samples: Sequence[Sample],
+    thresholds: Mapping[str, float] | None = None,
+    max_extent: Sequence[float] | None = None,
 ) -> PipelineScore:
-    """Segment ``samples`` with ``backend`` (any runtime backend; in training a live model), score them."""
+    """Segment ``samples`` with ``backend`` (any runtime backend; in training a live model), score them;
+    with ``max_extent`` (the largest training object, px per array axis) also count :func:`wide_seeds`."""
+    from embedseg_deploy.cluster import consecutive_labels
     from embedseg_deploy.predict import Predictor
 
     predictor = Predictor(backend, thresholds=dict(thresholds or {}))
-    truth = [s.mask for s in samples]
-    labels = [predictor.run(s.image, channel_axis=0).labels for s in samples]
-    return score_labels(truth, labels)
+    contract, seed_thresh = backend.contract, predictor.thresholds["seed_thresh"]
+    labels, wide = [], 0
+    for s in samples:
+        x = predictor.prepare(s.image, channel_axis=0)
+        keep = predictor.crop(x.shape[1:])
+        raw = predictor.predict_raw(x)
+        labels.append(consecutive_labels(np.asarray(predictor.cluster(raw))[keep])[0])
+        if max_extent is not None:
+            limit = [e / 2 for e in max_extent]
+            wide += wide_seeds(raw[(slice(None), *keep)], contract.spacing, seed_thresh, limit)
+    return dataclasses.replace(score_labels([s.mask for s in samples], labels), wide_seeds=wide)
+
+
+def wide_seeds(raw: np.ndarray, spacing: Sequence[float], seed_thresh: float, limit: Sequence[float]) -> int:
+    """Seed candidates (seediness >= ``seed_thresh``) whose clustering bandwidth, the sigma of
+    ``exp(-s (e - c)^2)`` with ``s = exp(10 raw)``, is wider than ``limit`` pixels on some array axis.
+
+    A healthy model's seeds have the width of their objects (DSB nuclei: 5-9 px against a largest
+    half-extent of ~15 px). A degenerate one puts seeds on background whose bandwidth reaches hundreds of
+    pixels, and the first such seed takes pixels of every object around it into one label: DSB seed 17
+    (benchmarks/results/train_seeds_dsb_fresh3.md) had 132 such seed pixels on val and 168 on test
+    (test AP@0.5 0.526), six other seeds none."""
+    ndim = len(spacing)
+    if seed_thresh >= 1.0:
+        return 0
+    logit = math.log(seed_thresh / (1.0 - seed_thresh)) if seed_thresh > 0.0 else -math.inf
+    seeds = raw[-1] >= logit
+    wide = np.zeros(seeds.shape, bool)
+    for d in range(ndim):
+        axis = axis_of_dim(d, ndim)
+        # sigma_px > L  <=>  1 / sqrt(2 s) > L * spacing  <=>  10 raw < -log(2 (L * spacing)^2)
+        width = limit[axis] * spacing[axis]
+        bound = -math.log(2.0 * width**2) / 10.0 if width > 0 else math.inf
+        wide |= raw[ndim + d] < bound
+    return int((seeds & wide).sum())
 
 
 def score_labels(truth: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> PipelineScore:
