@@ -168,6 +168,27 @@ class RunResult:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def degenerate_seeds_warning(
+    log: Sequence[Mapping[str, Any]], best_epoch: int | None, best: Path
+) -> str | None:
+    """What to tell the user when the kept epoch's val output has seeds wider than any training object
+    (:func:`.validate.wide_seeds`): each takes pixels of several objects into one label, and in the runs
+    measured the fault came early and stayed, so no choice of epoch avoids it, another seed does."""
+    rows = {int(r["epoch"]): r for r in log}
+    row = rows.get((best_epoch or 0) + 1, {})
+    n = int(row.get("val_wide_seeds") or 0)
+    if not n:
+        return None
+    epochs = sum(1 for r in log if int(r.get("val_wide_seeds") or 0))
+    return (
+        f"{best}: at its epoch {row['epoch']}, {n} val seed pixels have a clustering bandwidth wider than "
+        f"the largest training object ({epochs} of {len(log)} epochs had such seeds); each takes pixels of "
+        "several objects into one label. This run degenerated: train again with another --seed (1 of 20 "
+        "seeds on the DSB nuclei did, test AP@0.5 0.53; none of the other 19, nor of 10 on HeLa: "
+        "benchmarks/results/train_seeds_dsb_fresh3.md)"
+    )
+
+
 def poly_lr(base_lr: float, epoch: int, n_epochs: int) -> float:
     """Upstream's poly schedule over the run's epochs: ``base * (1 - epoch / n_epochs) ** 0.9``."""
     return base_lr * max(0.0, 1.0 - epoch / max(n_epochs, 1)) ** POLY_POWER
@@ -723,6 +744,9 @@ def train(
             elapsed = time.perf_counter() - t_call
             n_epochs = epochs_in_budget(cfg.epochs, epoch, elapsed, epoch_times, 60.0 * cfg.max_minutes)
     best = run_dir / BEST
+    warning = degenerate_seeds_warning(log, best_epoch, best)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     seed_tune = None
     # after the loop, outside a max_minutes budget; not after QAT, whose best epoch was chosen on the
     # model with int8 rounding simulated, which the fp32 network loaded here is not

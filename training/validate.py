@@ -202,8 +202,9 @@ def wide_seeds(raw: np.ndarray, spacing: Sequence[float], seed_thresh: float, li
     A healthy model's seeds have the width of their objects (DSB nuclei: 5-9 px against a largest
     half-extent of ~15 px). A degenerate one puts seeds on background whose bandwidth reaches hundreds of
     pixels, and the first such seed takes pixels of every object around it into one label: DSB seed 17
-    (benchmarks/results/train_seeds_dsb_fresh3.md) had 132 such seed pixels on val and 168 on test
-    (test AP@0.5 0.526), six other seeds none."""
+    (benchmarks/results/train_seeds_dsb_fresh3.md) had 125 such seed pixels on val and 150 on test with
+    the largest training nucleus (36 x 37 px) as the limit (test AP@0.5 0.526); the other 19 DSB seeds
+    and 10 HeLa seeds had none."""
     ndim = len(spacing)
     if seed_thresh >= 1.0:
         return 0
