@@ -395,7 +395,7 @@ def test_a_run_keeps_the_unfed_taps_at_zero_and_records_them(data2d, tmp_path):
         train(_tiny(data2d, tmp_path / "bad", dilated_context="none"), progress=False)
 
 
-def test_a_run_whose_kept_epoch_has_seeds_wider_than_any_object_is_reported(data2d, tmp_path, monkeypatch):
+def test_a_run_whose_kept_epoch_has_objects_from_too_wide_seeds_is_reported(data2d, tmp_path, monkeypatch):
     import embedseg_training.train as train_module
     from embedseg_training.validate import PipelineScore
 
@@ -403,8 +403,10 @@ def test_a_run_whose_kept_epoch_has_seeds_wider_than_any_object_is_reported(data
     monkeypatch.setattr(
         train_module, "pipeline_score", lambda *a, **k: PipelineScore(0.8, 0.5, 5, 5, 1, next(wide))
     )
-    with pytest.warns(UserWarning, match=r"at its epoch 3, 7 val seed pixels .* \(2 of 3 epochs") as caught:
+    with pytest.warns(
+        UserWarning, match=r"at its epoch 3, 7 val object\(s\) grew .* \(2 of 3 epochs"
+    ) as caught:
         result = train(_tiny(data2d, tmp_path / "run", epochs=3, crop_size=[32, 32]), progress=False)
     assert "another --seed" in str(caught[-1].message)
-    assert [r["val_wide_seeds"] for r in result.log] == [0, 40, 7]
+    assert [r["val_wide_objects"] for r in result.log] == [0, 40, 7]
     assert train_module.degenerate_seeds_warning(result.log[:1], 0, tmp_path / "best.pth") is None

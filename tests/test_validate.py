@@ -20,7 +20,7 @@ from embedseg_training.validate import (
     score_labels,
     small_val_note,
     tolerance,
-    wide_seeds,
+    wide_objects,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -70,12 +70,13 @@ def test_a_live_model_scores_exactly_as_its_checkpoint_does_in_the_runtime(tmp_p
     # thresholds the runtime accepts change the score the same way
     strict = pipeline_score(ModuleBackend(model, contract), val, {"seed_thresh": 0.999})
     assert strict.n_pred <= live.n_pred
-    # every epoch records its wide seeds; none can be wider than a zero extent allows, and all are
+    # every epoch records its wide objects; against a zero extent every object found is wide
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
-    column = rows[0].split(",").index("val_wide_seeds")
+    column = rows[0].split(",").index("val_wide_objects")
     assert all(r.split(",")[column].isdigit() for r in rows[1:])
-    anything = pipeline_score(ModuleBackend(model, contract), val, {"seed_thresh": 1e-9}, [0.0, 0.0])
-    assert anything.wide_seeds == sum(int(np.prod(s.shape)) for s in val)
+    loose = {"seed_thresh": 0.01, "fg_thresh": 0.01}  # an untrained model: find some objects
+    anything = pipeline_score(ModuleBackend(model, contract), val, loose, [0.0, 0.0])
+    assert anything.wide_objects == anything.n_pred > 0
 
 
 def bandwidth_raw(sigma_px: float, spacing: float) -> float:
@@ -84,21 +85,23 @@ def bandwidth_raw(sigma_px: float, spacing: float) -> float:
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-def test_wide_seeds_counts_seeds_wider_than_the_largest_object(ndim):
+def test_wide_objects_counts_seeds_wider_than_the_largest_object(ndim):
     spacing = [2 / 1023, 1 / 1023, 1 / 1023][3 - ndim :]  # 3D: z pixels twice as far in embedding units
     raw = np.zeros((2 * ndim + 1, *[6] * ndim), np.float32)
     for d in range(ndim):  # channel d is axis ndim - 1 - d: sigma 5 px everywhere
         raw[ndim + d] = bandwidth_raw(5.0, spacing[ndim - 1 - d])
-    raw[-1] = -5.0
-    raw[-1][(1,) * ndim] = raw[-1][(2,) * ndim] = raw[-1][(3,) * ndim] = 5.0  # three seeds (0.993)
+    seeds = np.array([[1] * ndim, [2] * ndim, [3] * ndim])
     limit = [15.0] * ndim
-    assert wide_seeds(raw, spacing, 0.9, limit) == 0
+    assert wide_objects(raw, seeds, spacing, limit) == 0
     raw[ndim][(2,) * ndim] = bandwidth_raw(400.0, spacing[ndim - 1])  # one seed 400 px wide along x
-    raw[ndim][(4,) * ndim] = bandwidth_raw(400.0, spacing[ndim - 1])  # wide, but no seed there
-    assert wide_seeds(raw, spacing, 0.9, limit) == 1
+    raw[ndim][(4,) * ndim] = bandwidth_raw(400.0, spacing[ndim - 1])  # wide, but no object starts there
+    assert wide_objects(raw, seeds, spacing, limit) == 1
     raw[2 * ndim - 1][(3,) * ndim] = bandwidth_raw(16.0, spacing[0])  # 16 px along the first array axis
-    assert wide_seeds(raw, spacing, 0.9, limit) == 2
-    assert wide_seeds(raw, spacing, 0.9, [17.0] * ndim) == 1 and wide_seeds(raw, spacing, 1.0, limit) == 0
+    assert wide_objects(raw, seeds, spacing, limit) == 2
+    assert (
+        wide_objects(raw, seeds, spacing, [17.0] * ndim) == 1
+        and wide_objects(raw, seeds[:0], spacing, limit) == 0
+    )
 
 
 def test_an_epoch_is_kept_within_two_standard_errors_of_the_best_ap_so_far():

@@ -61,7 +61,7 @@ LOG_FIELDS = (
     "val_ap50",
     "val_ap50_90",
     "val_objects",
-    "val_wide_seeds",
+    "val_wide_objects",
     "lr",
     "crops_per_s",
     "data_time_fraction",
@@ -171,21 +171,22 @@ class RunResult:
 def degenerate_seeds_warning(
     log: Sequence[Mapping[str, Any]], best_epoch: int | None, best: Path
 ) -> str | None:
-    """What to tell the user when the kept epoch's val output has seeds wider than any training object
-    (:func:`.validate.wide_seeds`): each takes pixels of several objects into one label, and in the runs
-    measured the fault came early and stayed, so no choice of epoch avoids it, another seed does."""
+    """What to tell the user when the kept epoch's val labels include objects started by a seed whose
+    bandwidth is wider than any training object (:func:`.validate.wide_objects`): such an object takes
+    pixels of several nuclei into one label, and in the run measured the fault came early and stayed, so
+    no choice of epoch avoids it; another seed does."""
     rows = {int(r["epoch"]): r for r in log}
     row = rows.get((best_epoch or 0) + 1, {})
-    n = int(row.get("val_wide_seeds") or 0)
+    n = int(row.get("val_wide_objects") or 0)
     if not n:
         return None
-    epochs = sum(1 for r in log if int(r.get("val_wide_seeds") or 0))
+    epochs = sum(1 for r in log if int(r.get("val_wide_objects") or 0))
     return (
-        f"{best}: at its epoch {row['epoch']}, {n} val seed pixels have a clustering bandwidth wider than "
-        f"the largest training object ({epochs} of {len(log)} epochs had such seeds); each takes pixels of "
-        "several objects into one label. This run degenerated: train again with another --seed (1 of 20 "
-        "seeds on the DSB nuclei did, test AP@0.5 0.53; none of the other 19, nor of 10 on HeLa: "
-        "benchmarks/results/train_seeds_dsb_fresh3.md)"
+        f"{best}: at its epoch {row['epoch']}, {n} val object(s) grew from a seed whose clustering bandwidth "
+        f"is wider than the largest training object ({epochs} of {len(log)} epochs had such objects); each "
+        "takes pixels of several objects into one label. This run degenerated: train again with another "
+        "--seed (1 of 20 seeds on the DSB nuclei did, test AP@0.5 0.53; none of the other 19, nor of 10 on "
+        "HeLa: benchmarks/results/wide_objects.md)"
     )
 
 
@@ -691,7 +692,7 @@ def train(
         score = pipeline_score(runtime, setup.val_images, max_extent=extent)
         row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
         row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}
-        row["val_wide_seeds"] = score.wide_seeds
+        row["val_wide_objects"] = score.wide_objects
         row["time_s"] = time.perf_counter() - t_epoch
         log.append(row)
         if cfg.select == "ap":  # within two standard errors of the best AP so far: later epochs win

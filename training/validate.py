@@ -43,14 +43,15 @@ FEW_VAL_OBJECTS = 30  # below this an object moves AP by more than 3 %
 @dataclass(frozen=True)
 class PipelineScore:
     """Pooled over the images: AP = TP / (TP + FP + FN) at IoU 0.5, and its mean over 0.50-0.90;
-    ``wide_seeds``: seed pixels whose bandwidth is wider than any training object (:func:`wide_seeds`)."""
+    ``wide_objects``: objects whose seed's bandwidth is wider than any training object
+    (:func:`wide_objects`)."""
 
     ap50: float
     ap50_90: float
     n_true: int
     n_pred: int
     images: int
-    wide_seeds: int = 0
+    wide_objects: int = 0
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -177,47 +178,44 @@ def pipeline_score(
     max_extent: Sequence[float] | None = None,
 ) -> PipelineScore:
     """Segment ``samples`` with ``backend`` (any runtime backend; in training a live model), score them;
-    with ``max_extent`` (the largest training object, px per array axis) also count :func:`wide_seeds`."""
+    with ``max_extent`` (the largest training object, px per array axis) also count :func:`wide_objects`."""
     from embedseg_deploy.cluster import consecutive_labels
     from embedseg_deploy.predict import Predictor
 
     predictor = Predictor(backend, thresholds=dict(thresholds or {}))
-    contract, seed_thresh = backend.contract, predictor.thresholds["seed_thresh"]
     labels, wide = [], 0
     for s in samples:
         x = predictor.prepare(s.image, channel_axis=0)
         keep = predictor.crop(x.shape[1:])
         raw = predictor.predict_raw(x)
-        labels.append(consecutive_labels(np.asarray(predictor.cluster(raw))[keep])[0])
-        if max_extent is not None:
-            limit = [e / 2 for e in max_extent]
-            wide += wide_seeds(raw[(slice(None), *keep)], contract.spacing, seed_thresh, limit)
-    return dataclasses.replace(score_labels([s.mask for s in samples], labels), wide_seeds=wide)
+        found, seeds = predictor.cluster(raw, return_seeds=True)
+        found = np.asarray(found)[keep]
+        if max_extent is not None:  # before consecutive_labels, which renumbers in place
+            ids = np.unique(found[found > 0])
+            wide += wide_objects(raw, seeds[ids - 1], backend.contract.spacing, max_extent)
+        labels.append(consecutive_labels(found)[0])
+    return dataclasses.replace(score_labels([s.mask for s in samples], labels), wide_objects=wide)
 
 
-def wide_seeds(raw: np.ndarray, spacing: Sequence[float], seed_thresh: float, limit: Sequence[float]) -> int:
-    """Seed candidates (seediness >= ``seed_thresh``) whose clustering bandwidth, the sigma of
-    ``exp(-s (e - c)^2)`` with ``s = exp(10 raw)``, is wider than ``limit`` pixels on some array axis.
+def wide_objects(raw: np.ndarray, seeds: np.ndarray, spacing: Sequence[float], limit: Sequence[float]) -> int:
+    """How many of the objects started at ``seeds`` (n, ndim indices into ``raw``) have a clustering
+    bandwidth, the sigma of ``exp(-s (e - c)^2)`` with ``s = exp(10 raw)`` at the seed, wider than
+    ``limit`` pixels on some array axis.
 
-    A healthy model's seeds have the width of their objects (DSB nuclei: 5-9 px against a largest
-    half-extent of ~15 px). A degenerate one puts seeds on background whose bandwidth reaches hundreds of
-    pixels, and the first such seed takes pixels of every object around it into one label: DSB seed 17
-    (benchmarks/results/train_seeds_dsb_fresh3.md) had 125 such seed pixels on val and 150 on test with
-    the largest training nucleus (36 x 37 px) as the limit (test AP@0.5 0.526); the other 19 DSB seeds
-    and 10 HeLa seeds had none."""
+    A healthy model's objects have about the width of their objects (DSB nuclei: sigma 5-9 px, the
+    largest nucleus 36 x 37 px). A degenerate one starts objects on background with bandwidths of hundreds
+    of pixels, and each takes pixels of every object around it into one label: DSB seed 17
+    (benchmarks/results/wide_objects.md: one on val and one on test, test AP@0.5 0.526; none in the
+    other 19 DSB, 10 HeLa, 5 nuclei-2d and 5 nuclei-3d seeds)."""
     ndim = len(spacing)
-    if seed_thresh >= 1.0:
-        return 0
-    logit = math.log(seed_thresh / (1.0 - seed_thresh)) if seed_thresh > 0.0 else -math.inf
-    seeds = raw[-1] >= logit
-    wide = np.zeros(seeds.shape, bool)
+    at = raw[(slice(ndim, 2 * ndim), *np.asarray(seeds, np.int64).reshape(-1, ndim).T)]  # (ndim, n)
+    wide = np.zeros(at.shape[1], bool)
     for d in range(ndim):
         axis = axis_of_dim(d, ndim)
-        # sigma_px > L  <=>  1 / sqrt(2 s) > L * spacing  <=>  10 raw < -log(2 (L * spacing)^2)
         width = limit[axis] * spacing[axis]
-        bound = -math.log(2.0 * width**2) / 10.0 if width > 0 else math.inf
-        wide |= raw[ndim + d] < bound
-    return int((seeds & wide).sum())
+        # sigma_px > L  <=>  1 / sqrt(2 s) > L * spacing  <=>  10 raw < -log(2 (L * spacing)^2)
+        wide |= at[d] < (-math.log(2.0 * width**2) / 10.0 if width > 0 else math.inf)
+    return int(wide.sum())
 
 
 def score_labels(truth: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> PipelineScore:
