@@ -2,7 +2,7 @@
 
 For each default seed model of ``bench_seeds.py`` (``ROOT/SET/default/seedN/run/best.pth``) the val and
 test images go through the runtime's pipeline (``training.validate.pipeline_score``); recorded are AP@0.5
-and the labels whose seed has a clustering bandwidth wider than the largest training object's extent
+and the labels whose seed has a clustering bandwidth wider than the largest annotated object's extent
 (``validate.wide_objects``, what the trainer logs per epoch as ``val_wide_objects`` and warns about).
 
     python benchmarks/bench_wide_objects.py [--root DIR] [--sets dsb-2d hela-2d ...]
@@ -30,7 +30,9 @@ def measure(checkpoint: Path, data: Path) -> dict:
 
     torch.set_num_threads(1)
     model, contract = load_model(checkpoint)
-    extent = contract.data_properties["max_extent"]
+    extent = (contract.data_properties or {}).get("max_extent")
+    if extent is None:
+        raise SystemExit(f"{checkpoint}: its contract records no object extents (not one of our runs)")
     row: dict = {"max_extent": extent}
     for split in ("val", "test"):
         score = pipeline_score(ModuleBackend(model, contract), load_split(data, split), max_extent=extent)
@@ -69,7 +71,7 @@ def markdown(doc: dict) -> str:
         machine_line(doc),
         "",
         f"Default seed models of `{doc['parameters']['root']}`; val and test images through the runtime's "
-        "pipeline; wide = labels whose seed's clustering bandwidth (sigma) exceeds the largest training "
+        "pipeline; wide = labels whose seed's clustering bandwidth (sigma) exceeds the largest annotated "
         "object's extent on some axis.",
         "",
         "| set | seed | limit (px) | val AP@0.5 | val wide / labels | test AP@0.5 | test wide / labels |",

@@ -77,6 +77,20 @@ def test_a_live_model_scores_exactly_as_its_checkpoint_does_in_the_runtime(tmp_p
     loose = {"seed_thresh": 0.01, "fg_thresh": 0.01}  # an untrained model: find some objects
     anything = pipeline_score(ModuleBackend(model, contract), val, loose, [0.0, 0.0])
     assert anything.wide_objects == anything.n_pred > 0
+    # at a middle limit the count equals the labels in the image whose own seed is wider, by brute force
+    predictor = Predictor(ModuleBackend(model, contract), thresholds=loose)
+    sigmas = []
+    for s in val:
+        x = predictor.prepare(s.image, channel_axis=0)
+        raw = predictor.predict_raw(x)
+        found, seeds = predictor.cluster(raw, return_seeds=True)
+        shown = np.unique(np.asarray(found)[predictor.crop(x.shape[1:])])
+        for label in shown[shown > 0]:
+            at = raw[(slice(2, 4), *seeds[label - 1])].astype(np.float64)  # sigma x, y at the label's seed
+            sigmas.append((1 / np.sqrt(2 * np.exp(10 * at)) / np.array(contract.spacing)[::-1]).max())
+    limit = float(np.median(sigmas))
+    middle = pipeline_score(ModuleBackend(model, contract), val, loose, [limit, limit])
+    assert 0 < middle.wide_objects == sum(sigma > limit for sigma in sigmas) < len(sigmas)
 
 
 def bandwidth_raw(sigma_px: float, spacing: float) -> float:
@@ -98,10 +112,10 @@ def test_wide_objects_counts_seeds_wider_than_the_largest_object(ndim):
     assert wide_objects(raw, seeds, spacing, limit) == 1
     raw[2 * ndim - 1][(3,) * ndim] = bandwidth_raw(16.0, spacing[0])  # 16 px along the first array axis
     assert wide_objects(raw, seeds, spacing, limit) == 2
-    assert (
-        wide_objects(raw, seeds, spacing, [17.0] * ndim) == 1
-        and wide_objects(raw, seeds[:0], spacing, limit) == 0
-    )
+    assert wide_objects(raw, seeds, spacing, [17.0] * ndim) == 1
+    assert wide_objects(raw, seeds[:0], spacing, limit) == 0
+    # per axis: 500 px allowed along x (the last array axis) leaves only the 16 px along the first axis
+    assert wide_objects(raw, seeds, spacing, [15.0] * (ndim - 1) + [500.0]) == 1
 
 
 def test_an_epoch_is_kept_within_two_standard_errors_of_the_best_ap_so_far():

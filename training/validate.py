@@ -43,7 +43,7 @@ FEW_VAL_OBJECTS = 30  # below this an object moves AP by more than 3 %
 @dataclass(frozen=True)
 class PipelineScore:
     """Pooled over the images: AP = TP / (TP + FP + FN) at IoU 0.5, and its mean over 0.50-0.90;
-    ``wide_objects``: objects whose seed's bandwidth is wider than any training object
+    ``wide_objects``: objects whose seed's bandwidth is wider than any annotated object
     (:func:`wide_objects`)."""
 
     ap50: float
@@ -178,7 +178,8 @@ def pipeline_score(
     max_extent: Sequence[float] | None = None,
 ) -> PipelineScore:
     """Segment ``samples`` with ``backend`` (any runtime backend; in training a live model), score them;
-    with ``max_extent`` (the largest training object, px per array axis) also count :func:`wide_objects`."""
+    with ``max_extent`` (the largest annotated object of train/ and val/, px per array axis) also count
+    :func:`wide_objects`."""
     from embedseg_deploy.cluster import consecutive_labels
     from embedseg_deploy.predict import Predictor
 
@@ -202,7 +203,7 @@ def wide_objects(raw: np.ndarray, seeds: np.ndarray, spacing: Sequence[float], l
     bandwidth, the sigma of ``exp(-s (e - c)^2)`` with ``s = exp(10 raw)`` at the seed, wider than
     ``limit`` pixels on some array axis.
 
-    A healthy model's objects have about the width of their objects (DSB nuclei: sigma 5-9 px, the
+    A healthy model's objects have about the width of their objects (DSB nuclei: median sigma 5-7 px, the
     largest nucleus 36 x 37 px). A degenerate one starts objects on background with bandwidths of hundreds
     of pixels, and each takes pixels of every object around it into one label: DSB seed 17
     (benchmarks/results/wide_objects.md: one on val and one on test, test AP@0.5 0.526; none in the
