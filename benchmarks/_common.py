@@ -87,6 +87,12 @@ def exported_model(ndim: int, precision: str = "fp32", cache: Path = MODEL_CACHE
     return out
 
 
+def shown(path: Path) -> str:
+    """``path`` as a result file names it: relative to the repository when inside it."""
+    path = path.resolve()
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
+
+
 def header(benchmark: str, threads: int, **parameters: Any) -> dict[str, Any]:
     """Date, machine (CPU, GPUs, load average), versions and parameters of a result document."""
     from embedseg_deploy.machine import machine_info, package_versions

@@ -17,7 +17,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import REPO, RESULTS, THREADS, finish, header, log, machine_line, pin_threads
+from _common import REPO, RESULTS, THREADS, finish, header, log, machine_line, pin_threads, shown
 
 pin_threads()
 
@@ -63,12 +63,11 @@ def main() -> None:
     limits = TOLERANCES[args.precision]
     statistic = args.statistic or limits.statistic
     root = args.root.resolve()
-    shown = root.relative_to(REPO) if root.is_relative_to(REPO) else root
     doc = header(
         "export_limits",
         THREADS,
         precision=args.precision,
-        root=str(shown),
+        root=shown(root),
         limits={g: getattr(limits, g) for g in GROUPS},
         statistic=statistic,
     )

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import REPO, RESULTS, THREADS, finish, header, log, machine_line, pin_threads
+from _common import REPO, RESULTS, THREADS, finish, header, log, machine_line, pin_threads, shown
 
 pin_threads()
 
@@ -55,8 +55,7 @@ def main() -> None:
     parser.add_argument("--name", default="int8_acceptance", help="result file stem")
     args = parser.parse_args()
     root = args.root.resolve()
-    shown = root.relative_to(REPO) if root.is_relative_to(REPO) else root
-    doc = header("int8_acceptance", THREADS, root=str(shown), sets=args.sets, seeds=args.seeds)
+    doc = header("int8_acceptance", THREADS, root=shown(root), sets=args.sets, seeds=args.seeds)
     doc["models"] = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.sets:

@@ -93,10 +93,8 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
             return kept
         kept = with_picks(kept, n_val)
         if "seed_tune" not in kept and variant == "default":  # measured once, then stored
-            from embedseg_deploy.io import atomic_write_text
-
             kept["seed_tune"] = seed_tuned(folder / "run", data, kept["picked_epoch"]["ap"])
-            atomic_write_text(result, json.dumps(kept, indent=1) + "\n")
+            store(result, kept)
         return with_tuned(kept)
     torch.set_num_threads(1)
     test = load_split(data, "test")
@@ -141,7 +139,7 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
         out["seed_tune"] = seed_tuned(folder / "run", data, out["picked_epoch"]["ap"])
     out = with_tuned(out)
     folder.mkdir(parents=True, exist_ok=True)
-    result.write_text(json.dumps(out, indent=1) + "\n")
+    store(result, out)
     print({k: v for k, v in out.items() if k != "by_epoch"}, flush=True)
     return out
 
@@ -191,6 +189,13 @@ def seed_tuned(run: Path, data: Path, epoch: int) -> dict | None:
             "test_ap50_90": round(score.ap50_90, 4)}  # fmt: skip
 
 
+def store(path: Path, out: dict) -> None:
+    """A run's result.json, written atomically (a killed benchmark leaves the old one or none)."""
+    from embedseg_deploy.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(out, indent=1) + "\n")
+
+
 def with_tuned(out: dict) -> dict:
     """``out`` with the ``tuned`` rule's scores: best.pth at its tuned seed threshold."""
     tune = out.get("seed_tune")
@@ -238,7 +243,7 @@ def run_upstream(root: str, name: str, seed: int) -> dict:
         "iou_ap50": round(score.ap50, 4),
         "iou_ap50_90": round(score.ap50_90, 4),
     }
-    result.write_text(json.dumps(out, indent=1) + "\n")
+    store(result, out)
     print(out, flush=True)
     return out
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from _common import REPO, RESULTS, finish, header, log, machine_line, pin_threads
+from _common import REPO, RESULTS, finish, header, log, machine_line, pin_threads, shown
 
 pin_threads(1)
 
@@ -48,8 +48,7 @@ def main() -> None:
     parser.add_argument("--name", default="wide_objects", help="result file stem")
     args = parser.parse_args()
     root = args.root.resolve()
-    shown = root.relative_to(REPO) if root.is_relative_to(REPO) else root
-    doc = header("wide_objects", 1, root=str(shown), sets=args.sets)
+    doc = header("wide_objects", 1, root=shown(root), sets=args.sets)
     doc["models"] = []
     for name in args.sets:
         runs = sorted(root.glob(f"{name}/default/seed*/run/best.pth"), key=lambda p: int(p.parts[-3][4:]))

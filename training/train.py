@@ -673,6 +673,7 @@ def train(
     from embedseg_deploy.backends.torch_backend import ModuleBackend
 
     runtime = ModuleBackend(model, contract, str(device))  # the live model, as embedseg-run will see it
+    extent = (contract.data_properties or {}).get("max_extent")  # of the annotated objects: wide_objects
     epoch_times: list[float] = []
     epoch = start
     while epoch < n_epochs:
@@ -691,7 +692,6 @@ def train(
         finally:
             bar.close()
         val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
-        extent = (contract.data_properties or {}).get("max_extent")
         score = pipeline_score(runtime, setup.val_images, max_extent=extent)
         row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
         row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}

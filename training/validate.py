@@ -203,7 +203,7 @@ def wide_objects(raw: np.ndarray, seeds: np.ndarray, spacing: Sequence[float], l
     bandwidth, the sigma of ``exp(-s (e - c)^2)`` with ``s = exp(10 raw)`` at the seed, wider than
     ``limit`` pixels on some array axis.
 
-    A healthy model's objects have about the width of their objects (DSB nuclei: median sigma 5-7 px, the
+    A healthy model's seeds are about as wide as their objects (DSB nuclei: median sigma 5-7 px, the
     largest nucleus 36 x 37 px). A degenerate one starts objects on background with bandwidths of hundreds
     of pixels, and each takes pixels of every object around it into one label: DSB seed 17
     (benchmarks/results/wide_objects.md: one on val and one on test, test AP@0.5 0.526; none in the
