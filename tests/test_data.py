@@ -485,13 +485,13 @@ def test_item_cost_and_target_cache(data3d):
         items = [ds[i] for i in range(len(ds))]
         print(f"3D crop {ds.crop_size}, {label}: {(time.perf_counter() - start) / len(ds) * 1e3:.2f} ms/item")
     drawn = {it["object"] for it in items}
-    assert drawn <= set(ds._targets)
+    assert drawn <= {obj for obj, _ in ds._targets}
     fresh = CropDataset(
         load_split(data3d, "train"), [16, 32, 32], anisotropy=2.0, augment=False, sampling="all"
     )
     for obj in sorted(drawn)[:5]:
         cached = ds.crop(obj)
-        assert obj not in fresh._targets
+        assert obj not in {o for o, _ in fresh._targets}
         for a, b in zip(cached, fresh.crop(obj), strict=True):
             np.testing.assert_array_equal(a, b)
 

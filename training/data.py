@@ -437,6 +437,7 @@ class CropDataset(torch.utils.data.Dataset):
         anisotropy: float = 1.0,
         length: int | None = None,
         sampling: str = "random",
+        jitter: float = 0.0,
     ) -> None:
         samples = list(samples)
         if not samples:
@@ -463,6 +464,9 @@ class CropDataset(torch.utils.data.Dataset):
         self.augment = augment
         self.seed = int(seed)
         self.sampling = sampling
+        if not 0.0 <= jitter <= 0.5:
+            raise ValueError(f"jitter must be within [0, 0.5] of the crop, got {jitter}")
+        self.jitter = float(jitter)
         self.scale = (float(anisotropy), 1.0, 1.0)[-self.ndim :]  # z (3D only), y, x
         self.names = [s.name for s in samples]
         self.images, self.masks = [], []
@@ -491,7 +495,8 @@ class CropDataset(torch.utils.data.Dataset):
         self.length = len(id_of) if length is None else int(length)
         self._warn_large_objects(samples)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._targets: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # object -> (visible ids, centres)
+        # (object, window start) -> (visible ids, centres)
+        self._targets: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._full_centres: dict[int, np.ndarray] = {}  # object -> centre of the whole object (image coords)
 
     @property
@@ -516,27 +521,33 @@ class CropDataset(torch.utils.data.Dataset):
                 stacklevel=3,
             )
 
-    def window(self, obj: int) -> tuple[slice, ...]:
-        """The crop window of object ``obj``: centred on its centroid, shifted to stay inside the image."""
+    def window(self, obj: int, shift: Sequence[float] | None = None) -> tuple[slice, ...]:
+        """The crop window of object ``obj``: centred on its centroid moved by ``shift`` (fractions of the
+        crop per axis), shifted to stay inside the image."""
         shape = self.masks[self.object_image[obj]].shape
+        shift = [0.0] * self.ndim if shift is None else shift
         tops = [
-            int(np.clip(c - k / 2, 0, n - k))
-            for c, k, n in zip(self.object_centroid[obj], self.crop_size, shape, strict=True)
+            int(np.clip(c - k / 2 + f * k, 0, n - k))
+            for c, k, n, f in zip(self.object_centroid[obj], self.crop_size, shape, shift, strict=True)
         ]
         return tuple(slice(t, t + k) for t, k in zip(tops, self.crop_size, strict=True))
 
-    def crop(self, obj: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Image, relabelled instance and centre image of object ``obj``'s crop, before augmentation."""
-        window = self.window(obj)
+    def crop(
+        self, obj: int, shift: Sequence[float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Image, relabelled instance and centre image of object ``obj``'s crop (moved by ``shift``, see
+        :meth:`window`), before augmentation."""
+        window = self.window(obj, shift)
         image_index = self.object_image[obj]
         image = self.images[image_index][(slice(None), *window)]
         labels = self.masks[image_index][window]
-        cached = self._targets.get(obj)  # the crop before augmentation is fixed per object: cache its targets
+        key = (obj, tuple(w.start for w in window))
+        cached = self._targets.get(key)  # a window's targets never change: cache them
         if cached is None:
             ids = np.unique(labels)
             ids = ids[ids > 0]
             instance = _relabel_with(labels, ids)
-            cached = self._targets[obj] = (ids, self._visible_centres(instance, ids, image_index, window))
+            cached = self._targets[key] = (ids, self._visible_centres(instance, ids, image_index, window))
         else:
             instance = _relabel_with(labels, cached[0])
         centres = cached[1]
@@ -574,7 +585,8 @@ class CropDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {index} out of range for {self.length} items")
         rng = np.random.default_rng([self.seed, int(self._epoch), int(index)])
         obj = int(rng.integers(self.n_objects)) if self.sampling == "random" else index % self.n_objects
-        image, instance, centre = self.crop(obj)
+        shift = rng.uniform(-self.jitter, self.jitter, self.ndim) if self.jitter else None
+        image, instance, centre = self.crop(obj, shift)
         if self.augment:
             image, instance, centre = _augment(rng, self.ndim, image, instance, centre)
         return {

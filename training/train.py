@@ -113,6 +113,7 @@ class TrainConfig:
     fg_thresh: float = 0.5
     select: str = "ap"  # best.pth by full-pipeline val AP@0.5 ("ap") or by upstream's crop IoU ("iou")
     dilated_context: str = "crop"  # "crop": taps crops do not feed as the images do stay off (dilation.py)
+    crop_jitter: float = 0.0  # crops move off their object's centroid by up to this share of the crop
     tune_seed: bool = True  # lower best.pth's seed threshold where val objects peak under it (validate.py)
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
     steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
@@ -414,7 +415,9 @@ def _resolve(config: TrainConfig) -> _Setup:
     )
     common = {"norm": norm, "center": config.center, "seed": config.seed, "anisotropy": props.anisotropy}
     length = resolved.iterations * batch
-    train_ds = CropDataset(train, crop, augment=True, length=length, sampling="random", **common)
+    train_ds = CropDataset(
+        train, crop, augment=True, length=length, sampling="random", jitter=config.crop_jitter, **common
+    )
     n_val = sum(s.n_objects for s in val)
     val_length = min(n_val, int(config.val_crops)) if config.val_crops else None
     val_ds = CropDataset(val, crop, augment=False, sampling="all", length=val_length, **common)
