@@ -34,6 +34,7 @@ _common.pin_threads(1)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
@@ -274,6 +275,56 @@ def summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+PASS_SHARE, PASS_SEEDS = 0.9, 5  # issue 14: the worst of 5 seeds reaches at least 90 % of the mean
+
+
+def resolution(mean: float, n_objects: int, n_seeds: int) -> dict[str, float]:
+    """What a test split of ``n_objects`` can tell: the spread of AP@0.5 between models of equal quality
+    that find each object independently with probability ``mean`` (binomial standard deviation), and the
+    chance that ``n_seeds`` such models all reach :data:`PASS_SHARE` of the mean. AP@0.5 is counted as
+    found / objects here; false positives make the real spread larger."""
+    from scipy.stats import binom
+
+    need = math.ceil(PASS_SHARE * mean * n_objects - 1e-9)  # objects a seed must find to pass
+    one = float(binom.sf(need - 1, n_objects, mean))
+    return {"sd": math.sqrt(mean * (1 - mean) / n_objects), "p_all_pass": one**n_seeds}
+
+
+def paired(rows: list[dict]) -> list[dict]:
+    """Each variant's rules against upstream on the seeds both ran: mean difference, wins / ties / losses
+    and the sign test's one-sided p (ties dropped) that ours wins no more often than upstream."""
+    from scipy.stats import binom
+
+    ups = {(r["set"], r["variant"]): r for r in rows if r["variant"] == "upstream"}
+    out = []
+    for r in rows:
+        up = ups.get((r["set"], "upstream"))
+        if r["variant"] == "upstream" or up is None:
+            continue
+        theirs = dict(zip(up["seeds"], up["ap50"]["per_seed"], strict=True))
+        ours = zip(r["seeds"], r["ap50"]["per_seed"], strict=True)
+        pairs = [(a, theirs[s]) for s, a in ours if s in theirs]
+        if not pairs:
+            continue
+        d = np.array([a - b for a, b in pairs])
+        wins, losses = int((d > 1e-9).sum()), int((d < -1e-9).sum())
+        p = float(binom.sf(wins - 1, wins + losses, 0.5)) if wins + losses else 1.0
+        out.append(
+            {
+                "set": r["set"],
+                "variant": r["variant"],
+                "rule": r["rule"],
+                "seeds": len(pairs),
+                "mean_difference": round(float(d.mean()), 4),
+                "wins": wins,
+                "ties": len(pairs) - wins - losses,
+                "losses": losses,
+                "sign_test_p": round(p, 4),
+            }
+        )
+    return out
+
+
 def markdown(doc: dict) -> str:
     lines = [
         "# Training across seeds (issue 14)",
@@ -291,16 +342,50 @@ def markdown(doc: dict) -> str:
         "(upstream_train.py), its own best-IoU checkpoint; steps are `ceil(budget / iterations)` epochs on "
         "both sides.",
         "",
-        "| set | variant | rule | steps | AP@0.5 by seed | mean | min | min/mean | AP@.5:.9 mean | min |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+        "| set | variant | rule | steps | AP@0.5 by seed | mean | min | min/mean | sd | AP@.5:.9 mean "
+        "| min |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in doc["summary"]:
         a, b = s["ap50"], s["ap50_90"]
         per = " ".join(f"{x:.3f}" for x in a["per_seed"])
         lines.append(
             f"| {s['set']} | {s['variant']} | {s['rule']} | {s['steps']} | {per} | {a['mean']:.3f} | "
-            f"{a['min']:.3f} | {a['min_over_mean']:.2f} | {b['mean']:.3f} | {b['min']:.3f} |"
+            f"{a['min']:.3f} | {a['min_over_mean']:.2f} | {np.std(a['per_seed']):.3f} | {b['mean']:.3f} | "
+            f"{b['min']:.3f} |"
         )
+    objects = doc.get("test_objects", {})
+    lines += [
+        "",
+        "What the test split can tell (`sd`, the spread of AP@0.5 between seeds, against the binomial spread "
+        f"of models of equal quality at the row's mean; `P(pass)`: the chance that {PASS_SEEDS} such models "
+        f"all reach {PASS_SHARE:.0%} of the mean, issue 14's worst-seed rule):",
+        "",
+        "| set | test objects | variant | rule | seeds | sd | binomial sd | P(pass) |",
+        "|---|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for s in doc["summary"]:
+        if s["set"] not in objects or s["rule"] == "oracle":
+            continue
+        a = s["ap50"]
+        res = resolution(a["mean"], objects[s["set"]], PASS_SEEDS)
+        lines.append(
+            f"| {s['set']} | {objects[s['set']]} | {s['variant']} | {s['rule']} | {len(a['per_seed'])} | "
+            f"{np.std(a['per_seed']):.3f} | {res['sd']:.3f} | {res['p_all_pass']:.2f} |"
+        )
+    if doc.get("paired"):
+        lines += [
+            "",
+            "Against upstream on the same seeds (AP@0.5; sign test one-sided, ties dropped):",
+            "",
+            "| set | variant | rule | seeds | mean ours - upstream | wins / ties / losses | sign test p |",
+            "|---|---|---|---:|---:|---|---:|",
+        ]
+        for p in doc["paired"]:
+            lines.append(
+                f"| {p['set']} | {p['variant']} | {p['rule']} | {p['seeds']} | {p['mean_difference']:+.3f} | "
+                f"{p['wins']} / {p['ties']} / {p['losses']} | {p['sign_test_p']:.3f} |"
+            )
     lines += ["", "Per run (epochs counted from 1; the 1-min load when it started):", ""]
     lines += [
         "| set | variant | seed | epochs | picked (ap / iou / oracle) | 2nd-half epochs under half the best "
@@ -318,6 +403,8 @@ def markdown(doc: dict) -> str:
 
 
 def main() -> None:
+    from embedseg_training.data import load_split
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
@@ -340,6 +427,10 @@ def main() -> None:
     with ProcessPoolExecutor(args.jobs) as pool:  # the run time covers the runs (cached ones: none)
         rows = list(pool.map(run_one, *zip(*jobs, strict=True)))
     doc["summary"] = summary(rows)
+    doc["paired"] = paired(doc["summary"])
+    doc["test_objects"] = {
+        name: sum(s.n_objects for s in load_split(dataset(args.root, name), "test")) for name in args.sets
+    }
     doc["runs"] = [{k: v for k, v in r.items() if k != "by_epoch"} for r in rows]
     print(_common.finish(doc, markdown, args.name, args.out))
 

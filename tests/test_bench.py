@@ -201,3 +201,32 @@ def test_benchmark_runner_quick_results_are_well_formed(toys, tmp_path):
         assert check_result(name, doc) == []
         assert (tmp_path / f"{name}_quick.md").read_text().startswith("# ")
         assert doc["machine"]["load_average"] and doc["versions"]["numpy"]
+
+
+def test_seed_benchmark_statistics_match_simulation_and_hand_counts():
+    """bench_seeds' reading aids: the pass chance of equal-quality seeds on a small test split agrees with a
+    simulation, and the paired comparison with upstream counts wins, ties and losses per seed."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_seeds
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    rng = np.random.default_rng(0)
+    for mean, n, seeds in ((0.8, 15, 5), (0.9, 60, 5), (0.5, 22, 3)):
+        found = rng.binomial(n, mean, size=(20000, seeds)) / n
+        simulated = np.mean((found >= 0.9 * mean - 1e-12).all(axis=1))
+        res = bench_seeds.resolution(mean, n, seeds)
+        assert abs(res["p_all_pass"] - simulated) < 0.015, (mean, n, res, simulated)
+        assert res["sd"] == pytest.approx(found.std(), rel=0.05)
+
+    def row(variant, rule, seeds, aps):
+        return {"set": "s", "variant": variant, "rule": rule, "seeds": seeds, "ap50": {"per_seed": aps}}
+
+    rows = [
+        row("upstream", "iou", [1, 2, 3, 4], [0.5, 0.8, 0.7, 0.9]),
+        row("default", "ap", [2, 3, 4, 5], [0.8, 0.9, 0.6, 1.0]),
+    ]
+    (p,) = bench_seeds.paired(rows)
+    assert (p["seeds"], p["wins"], p["ties"], p["losses"]) == (3, 1, 1, 1)
+    assert p["mean_difference"] == pytest.approx((0.0 + 0.2 - 0.3) / 3, abs=1e-4)
+    assert p["sign_test_p"] == pytest.approx(0.75)  # P(at least 1 win of 2 by chance)

@@ -429,6 +429,47 @@ def test_sampling_is_seeded_per_epoch_and_item(data2d):
     assert (counts > 0).sum() > ds.n_objects / 2  # spread over the objects (uniform with replacement)
 
 
+@pytest.mark.parametrize("which", ["data2d", "data3d"])
+def test_jittered_crops_move_around_their_object(request, which):
+    """With ``jitter`` a crop moves off its object's centroid by up to that share of the crop, differently
+    per item and epoch, reproducibly; the object's centroid stays inside, and the targets are those of the
+    window actually cut (an object's centre is the one a fixed window over it gives)."""
+    samples, fixed = _dataset(request.getfixturevalue(which), augment=False, sampling="all")
+    _, ds = _dataset(request.getfixturevalue(which), augment=False, sampling="all", jitter=0.25)
+    starts = set()
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        for i in range(ds.n_objects):
+            item = ds[i]
+            np.testing.assert_array_equal(item["image"].numpy(), ds[i]["image"].numpy())  # reproducible
+            image = ds.images[ds.object_image[i]]
+            # find the window the item was cut from, and check it against the object and the fixed one
+            hits = [
+                w
+                for w in _windows(image.shape[1:], ds.crop_size)
+                if np.array_equal(image[(slice(None), *w)], item["image"].numpy())
+            ]
+            assert hits, "the crop is a window of its image"
+            window = hits[0]
+            starts.add((i, tuple(w.start for w in window)))
+            centroid = ds.object_centroid[i]
+            for w, c, k, f in zip(window, centroid, ds.crop_size, fixed.window(i), strict=True):
+                assert w.start <= c < w.stop and abs(w.start - f.start) <= 0.25 * k + 1
+            labels = ds.masks[ds.object_image[i]][window]
+            ids = np.unique(labels[labels > 0])
+            assert item["instance"].numpy().max() == len(ids)
+            assert int(item["center"].sum()) == len(ids)  # one centre per visible object
+    assert len(starts) > 1.5 * ds.n_objects  # the windows do move
+    with pytest.raises(ValueError, match="jitter"):
+        _dataset(request.getfixturevalue(which), jitter=0.6)
+
+
+def _windows(shape, crop):
+    ranges = [range(n - k + 1) for n, k in zip(shape, crop, strict=True)]
+    for tops in np.ndindex(*[len(r) for r in ranges]):
+        yield tuple(slice(t, t + k) for t, k in zip(tops, crop, strict=True))
+
+
 def test_dataloader_workers_reproduce_single_process(data2d):
     _, ds = _dataset(data2d, seed=3)
 

@@ -196,13 +196,14 @@ def test_cli_train_and_config_round_trip(data2d, tmp_path):
 def test_cli_prints_settings_counts_steps_shows_progress_and_keeps_runs(data2d, tmp_path):
     run = tmp_path / "steps"
     args = [str(data2d), "--out", str(run), "--batch-size", "2", "--iterations", "2", "--val-crops", "2"]
-    args += ["--crop-size", "32", "--steps", "3"]
+    args += ["--crop-size", "32", "--steps", "3", "--crop-jitter", "0.1"]
     res = CliRunner().invoke(main, args)  # not a terminal: progress lines, not a bar
     assert res.exit_code == 0, res.output
-    assert "crop 32x32, batch 2, 2 iterations x 2 epochs = 4 steps" in res.output  # ceil(3 / 2) epochs
+    assert "crop 32x32 (jitter 0.1), batch 2, 2 iterations x 2 epochs = 4 steps" in res.output  # ceil(3/2)
     assert "spacing 1/1023 per px, thresholds seed 0.9 fg 0.5" in res.output
     assert "epoch 1/2: batch 2/2, loss" in res.output and "epoch ETA 0 s" in res.output
-    assert json.loads((run / "config.json").read_text())["epochs"] == 2
+    config = json.loads((run / "config.json").read_text())
+    assert config["epochs"] == 2 and config["crop_jitter"] == 0.1
     best = re.search(r"best .* \(epoch (\d+), val AP@0.5 [0-9.]+, IoU", res.output)
     rows = list(csv.DictReader((run / "log.csv").open()))
     kept = kept_epoch([float(r["val_ap50"]) for r in rows], int(rows[0]["val_objects"]))

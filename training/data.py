@@ -413,7 +413,8 @@ class CropDataset(torch.utils.data.Dataset):
     Item ``i`` of epoch ``e`` draws its own generator from ``(seed, e, i)``: reproducible for a seed and
     independent of the number of workers. It picks an object (``sampling="random"``: uniformly over all
     objects, with replacement, as upstream; ``"all"``: object ``i``), cuts ``crop_size`` around the
-    object's centroid, shifted to stay inside the image (``top = int(clip(c - crop/2, 0, size - crop))``),
+    object's centroid, shifted to stay inside the image (``top = int(clip(c - crop/2, 0, size - crop))``;
+    with ``jitter`` the centroid first moves by up to that share of the crop per axis, drawn per item),
     and returns a dict of tensors:
 
     * ``image`` float32 ``(C, *crop)``; ``instance`` int64 ``(*crop)``, 0 background, objects 1..m;

@@ -113,7 +113,7 @@ class TrainConfig:
     fg_thresh: float = 0.5
     select: str = "ap"  # best.pth by full-pipeline val AP@0.5 ("ap") or by upstream's crop IoU ("iou")
     dilated_context: str = "crop"  # "crop": taps crops do not feed as the images do stay off (dilation.py)
-    crop_jitter: float = 0.0  # crops move off their object's centroid by up to this share of the crop
+    crop_jitter: float = 0.0  # crops move off their object's centroid by up to this share (0: upstream's)
     tune_seed: bool = True  # lower best.pth's seed threshold where val objects peak under it (validate.py)
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
     steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
@@ -321,7 +321,8 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
     steps = cfg.epochs * int(cfg.iterations)
     budget = f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else ""
     return (
-        f"training {contract.ndim}D on {cfg.data_dir}: crop {'x'.join(map(str, cfg.crop_size))}, batch "
+        f"training {contract.ndim}D on {cfg.data_dir}: crop {'x'.join(map(str, cfg.crop_size))} (jitter "
+        f"{cfg.crop_jitter:g}), batch "
         f"{cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} steps{budget}, lr "
         f"{cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds seed {t.seed_thresh} "
         f"fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
