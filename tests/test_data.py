@@ -23,6 +23,7 @@ from embedseg_training.data import (
     compute_properties,
     crop_size_rule,
     discover_split,
+    grow_crop_to_images,
     load_split,
     round_up_8,
     worker_init_fn,
@@ -288,6 +289,16 @@ def test_pixel_size_disagreement_warns(tmp_path):
     assert p.pixel_size == [0.5, 0.5]
 
 
+def test_crop_grows_to_images_little_larger_than_it():
+    assert grow_crop_to_images([64, 64], [96, 96]) == [96, 96]  # DSB tiles: 1.5x, trained whole
+    assert grow_crop_to_images([64, 64], [97, 97]) == [64, 64]  # beyond 1.5x: the crop stays
+    assert grow_crop_to_images([40, 40], [256, 256]) == [40, 40]
+    assert grow_crop_to_images([64, 64], [90, 60]) == [96, 96]  # y and x stay equal, rounded up to 8
+    assert grow_crop_to_images([64, 64], [50, 40]) == [64, 64]  # smaller images are padded, never shrunk
+    assert grow_crop_to_images([16, 32, 32], [20, 96, 96]) == [24, 32, 32]  # each of z and yx on its own
+    assert grow_crop_to_images([16, 32, 32], [32, 40, 48]) == [16, 48, 48]
+
+
 def test_crop_rule_reproduces_upstream_fixtures():
     for case, expected in (("2d", [40, 40]), ("3d", [16, 32, 32])):
         props = json.loads((FIXTURES / case / "data_properties.json").read_text())
@@ -433,8 +444,8 @@ def test_sampling_is_seeded_per_epoch_and_item(data2d):
 def test_jittered_crops_move_around_their_object(request, which):
     """With ``jitter`` a crop moves off its object's centroid by up to that share of the crop, differently
     per item and epoch, reproducibly; the object's centroid stays inside, and the targets are those of the
-    window actually cut (an object's centre is the one a fixed window over it gives)."""
-    samples, fixed = _dataset(request.getfixturevalue(which), augment=False, sampling="all")
+    window actually cut."""
+    _, fixed = _dataset(request.getfixturevalue(which), augment=False, sampling="all")
     _, ds = _dataset(request.getfixturevalue(which), augment=False, sampling="all", jitter=0.25)
     starts = set()
     for epoch in (0, 1, 2):

@@ -176,7 +176,11 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     "--steps", type=click.IntRange(min=1), help="Optimizer steps in all: epochs = ceil(steps / iterations)."
 )
 @click.option("--batch-size", type=click.IntRange(min=1), help="Crops per batch [2D 16, 3D 4].")
-@click.option("--crop-size", help="Crop in array order, e.g. 96 or 32,128,128 [data properties].")
+@click.option(
+    "--crop-size",
+    help="Crop in array order, e.g. 96 or 32,128,128 [upstream's rule from the object sizes; the whole "
+    "image along axes where the images are at most 1.5 times that].",
+)
 @click.option(
     "--crop-jitter",
     type=click.FloatRange(0, 0.5),

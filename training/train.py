@@ -46,7 +46,14 @@ from embedseg_deploy.io import atomic_write_text, atomic_writer
 
 from . import __version__
 from .checkpoint import load_checkpoint, package_versions, save_checkpoint
-from .data import CropDataset, compute_properties, load_split, round_up_8, worker_init_fn
+from .data import (
+    CropDataset,
+    compute_properties,
+    grow_crop_to_images,
+    load_split,
+    round_up_8,
+    worker_init_fn,
+)
 from .dilation import switch_off_taps, switch_off_unfed_taps
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
@@ -90,7 +97,7 @@ class TrainConfig:
     ndim: int | None = None
     epochs: int = 200
     batch_size: int | None = None  # 2D 16, 3D 4
-    crop_size: list[int] | None = None  # data properties' crop (upstream's notebook rule)
+    crop_size: list[int] | None = None  # upstream's crop rule, grown to images under 1.5x it (data.py)
     crop_n_sigma: float = 5.0
     iterations: int | None = None  # per epoch; default ceil(objects / batch): one pass over all objects
     val_crops: int | None = None  # default: one crop per val object
@@ -385,7 +392,11 @@ def _resolve(config: TrainConfig) -> _Setup:
         foreground_weight=config.foreground_weight,
     )
     ndim = props.ndim
-    crop = config.crop_size if config.crop_size is not None else props.crop_size
+    crop = (
+        config.crop_size
+        if config.crop_size is not None
+        else grow_crop_to_images(props.crop_size, props.max_image_shape)
+    )
     crop = [int(crop)] if isinstance(crop, int | float) else [int(c) for c in crop]
     if len(crop) == 1:
         crop = crop * ndim
