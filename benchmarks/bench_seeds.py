@@ -93,7 +93,7 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
         if "by_epoch" not in kept:
             return kept
         kept = with_picks(kept, n_val)
-        if "seed_tune" not in kept and variant == "default":  # measured once, then stored
+        if "seed_tune" not in kept:  # measured once, then stored
             kept["seed_tune"] = seed_tuned(folder / "run", data, kept["picked_epoch"]["ap"])
             store(result, kept)
         return with_tuned(kept)
@@ -136,7 +136,7 @@ def run_one(root: str, name: str, variant: str, options: str, seed: int) -> dict
     out = with_picks(out, n_val)
     if config.select == "ap":
         assert out["picked_epoch"]["ap"] == run.best_epoch + 1, "the replayed rule must be the trainer's"
-    if variant == "default":
+    if config.tune_seed:
         out["seed_tune"] = seed_tuned(folder / "run", data, out["picked_epoch"]["ap"])
     out = with_tuned(out)
     folder.mkdir(parents=True, exist_ok=True)

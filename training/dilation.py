@@ -20,9 +20,10 @@ positions at which one of them reads image data differs between the crop and the
 quarter or more in 2D, a tenth in 3D (:data:`MAX_MISMATCH`, :func:`unfed_convs`), and keeps them at
 zero (their gradient is masked): training then sees the network that inference runs. Where the images
 are little larger than the crop the shares are close and the taps stay: on DSB tiles (64 px crops of
-96 px images) switching dilation 4 off as well cost test AP (5 seeds, 0.60 vs 0.78 mean). The
-architecture stays upstream's: the taps are zero weights, so checkpoints, ONNX models and engines keep
-their shapes.
+96 px images) switching dilation 4 off as well cost test AP (5 seeds, 0.60 vs 0.78 mean). Such images
+are now trained whole instead (``data.grow_crop_to_images``), which leaves no difference to switch off.
+The architecture stays upstream's: the taps are zero weights, so checkpoints, ONNX models and engines
+keep their shapes.
 """
 
 from __future__ import annotations

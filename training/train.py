@@ -327,12 +327,12 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
     t = contract.thresholds
     steps = cfg.epochs * int(cfg.iterations)
     budget = f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else ""
+    jitter = f" (jitter {cfg.crop_jitter:g})" if cfg.crop_jitter else ""
     return (
-        f"training {contract.ndim}D on {cfg.data_dir}: crop {'x'.join(map(str, cfg.crop_size))} (jitter "
-        f"{cfg.crop_jitter:g}), batch "
-        f"{cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} steps{budget}, lr "
-        f"{cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds seed {t.seed_thresh} "
-        f"fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
+        f"training {contract.ndim}D on {cfg.data_dir}: crop {'x'.join(map(str, cfg.crop_size))}{jitter}, "
+        f"batch {cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} "
+        f"steps{budget}, lr {cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds "
+        f"seed {t.seed_thresh} fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
         f"{torch.get_num_threads()}, seed {cfg.seed}, {_taps_note(contract)}, best by val "
         f"{cfg.select.upper()} -> {cfg.out}"
     )
