@@ -206,11 +206,14 @@ def test_benchmark_runner_quick_results_are_well_formed(toys, tmp_path):
 def test_seed_benchmark_statistics_match_simulation_and_hand_counts():
     """bench_seeds' reading aids: the pass chance of equal-quality seeds on a small test split agrees with a
     simulation, and the paired comparison with upstream counts wins, ties and losses per seed."""
+    environment = dict(os.environ)
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import bench_seeds
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+    # a changed NUMBA_NUM_THREADS breaks every later numba compile in this process (CI failed so)
+    assert dict(os.environ) == environment, "importing a benchmark must leave the environment alone"
     rng = np.random.default_rng(0)
     for mean, n, seeds in ((0.8, 15, 5), (0.9, 60, 5), (0.5, 22, 3)):
         found = rng.binomial(n, mean, size=(20000, seeds)) / n
