@@ -192,7 +192,9 @@ def omp_wait_policy(load: float, cores: int, env: Mapping[str, str]) -> str | No
     "--ema",
     type=click.FloatRange(0, 1, max_open=True),
     help="Validate and keep an exponential moving average of the weights with this decay per step, e.g. "
-    "0.99 (warmed up as (1 + n) / (10 + n) over the first steps); 0: the trained weights themselves [0].",
+    "0.99 (warmed up as (1 + n) / (10 + n) over the first steps); 0: the trained weights themselves. On "
+    "DSB nuclei 0.99 halved the late epochs' jitter but left the kept models' test AP where it was "
+    "(benchmarks/results/train_seeds_dsb_t9_ema.md) [0].",
 )
 @click.option("--iterations", type=click.IntRange(min=1), help="Batches per epoch [objects / batch].")
 @click.option("--val-crops", type=click.IntRange(min=1), help="Validation crops [one per val object].")
