@@ -38,7 +38,7 @@ class WeightAverage:
         live = model.state_dict()
         for name, avg in self.module.state_dict().items():
             if avg.is_floating_point():
-                avg.lerp_(live[name].detach().to(avg.dtype), 1.0 - keep)
+                avg.lerp_(live[name], 1.0 - keep)  # state_dict tensors are detached already
             else:  # counters such as BatchNorm's num_batches_tracked
                 avg.copy_(live[name])
 
